@@ -1,0 +1,68 @@
+"""The environment contract: pure, jittable, vmappable, token in / token out.
+
+    state, ts = env.reset(key)             # ts.observation is the task prompt
+    state, ts = env.step(state, action)    # action: int32 [env.action_len]
+
+Conventions (gymnax / jumanji):
+- ``state`` is a ``flax.struct.dataclass`` that carries its own PRNG key, the turn counter
+  and a ``done`` flag; ``step`` on a done state is a no-op (reward 0, state unchanged, done
+  flags kept) so that a batch with finished episodes can keep stepping under ``vmap``.
+- ``terminated``: the task ended (solved, failed, answered); ``truncated``: the turn budget
+  ``max_turns`` ran out first. ``info["success"]`` is true on the step that solves the task.
+- Observations are int32 ``[obs_len]`` rows, left-aligned, ``<pad>`` after; actions are int32
+  ``[action_len]``; an action ends at its first ``<eos>`` / ``<pad>``.
+- Any action is legal input: a malformed one gives the observation ``<obs> <err>`` and
+  reward ``-format_penalty``, never an exception or NaN.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class TimeStep:
+    observation: jax.Array  # int32 [obs_len]
+    reward: jax.Array       # float32 []
+    terminated: jax.Array   # bool []
+    truncated: jax.Array    # bool []
+    info: dict[str, Any]    # always holds "success" (bool []) and "format_error" (bool [])
+
+    @property
+    def done(self) -> jax.Array:
+        return jnp.logical_or(self.terminated, self.truncated)
+
+
+class Env:
+    """Base class. Subclasses set the class attributes below and implement the methods."""
+
+    name: str = "env"
+    obs_len: int = 16        # tokens in the prompt and in every observation
+    action_len: int = 8      # tokens in one agent turn (including its <eos>)
+    max_turns: int = 8       # turn budget; truncation after this many steps
+    format_penalty: float = 0.1
+
+    def reset(self, key: jax.Array) -> tuple[Any, TimeStep]:
+        raise NotImplementedError
+
+    def step(self, state: Any, action: jax.Array) -> tuple[Any, TimeStep]:
+        raise NotImplementedError
+
+    def oracle_action(self, state: Any, key: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def render(self, state: Any) -> str:
+        """One line of text describing the hidden state (the answer, the KB, the maze...)."""
+        raise NotImplementedError
+
+    @property
+    def max_episode_tokens(self) -> int:
+        """Prompt plus ``max_turns`` (action + observation) rows."""
+        return self.obs_len + self.max_turns * (self.action_len + self.obs_len)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(obs_len={self.obs_len}, action_len={self.action_len}, "
+                f"max_turns={self.max_turns})")

@@ -1,0 +1,60 @@
+"""Shared config builder: every experiment config is ``make_config(env, algorithm)`` plus edits.
+
+Keys (all read by ``rl_agents.trainer`` / ``experiments.train``):
+  seed, total_updates, eval_every, checkpoint_every, keep_checkpoints, log_every
+  mesh.{data,fsdp,tensor}          device mesh (product = number of devices)
+  env.name, env.kwargs.*           ``envs.make(name, **kwargs)``
+  model.*                          ``models.ModelConfig`` fields (vocab / max_seq_len come from the env)
+  rollout.*                        groups × group size per update, sampling, eval episodes
+  rl.*                             algorithm (``rl_agents.algorithms``) and loss settings
+  optim.*                          AdamW with linear warm-up and global-norm clipping
+  bc.*                             BC warm start on ε-noisy oracle demos (episodes=0: off)
+"""
+import ml_collections
+
+GROUP_RELATIVE = ("grpo", "dr_grpo", "rloo", "gigpo", "reinforce_pp_baseline", "dapo")
+
+
+def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_updates = 100
+    c.eval_every = 10
+    c.checkpoint_every = 10
+    c.keep_checkpoints = 3
+    c.log_every = 1
+
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    c.env = ml_collections.ConfigDict(dict(name=env, kwargs=ml_collections.ConfigDict()))
+
+    # ≈0.4M parameters: small enough to learn the synthetic tasks on a 2-core CPU in minutes.
+    c.model = ml_collections.ConfigDict(dict(
+        d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384, rope_theta=10000.0,
+        tie_embeddings=False, dtype="float32", param_dtype="float32", attention_impl="auto",
+        remat=False, scan_layers=False))
+
+    c.rollout = ml_collections.ConfigDict(dict(
+        num_groups=16, group_size=4, temperature=1.0, top_k=0, top_p=1.0, eval_episodes=256))
+
+    c.rl = ml_collections.ConfigDict(dict(
+        algorithm=algorithm,
+        epochs=2, minibatches=2,
+        eps_low=0.2, eps_high=0.2, dual_clip=0.0,    # dual_clip c > 1 enables dual-clip
+        agg="token-mean",
+        kl_coef=0.0, kl_kind="k3", kl_in_reward=False,
+        entropy_coef=0.0,
+        value_coef=0.5, value_clip=0.2,              # read when the algorithm has a critic
+        oversample=2.0,                              # read by dynamic sampling (dapo)
+        overlong_cache_len=0,                        # DAPO overlong penalty window in tokens (0: off)
+        advantage_kwargs=ml_collections.ConfigDict(),
+    ))
+    if algorithm == "ppo":
+        c.rl.advantage_kwargs = ml_collections.ConfigDict(dict(gamma=1.0, lam=0.95))
+    if algorithm not in GROUP_RELATIVE:
+        c.rollout.group_size = 1
+        c.rollout.num_groups = 64
+
+    c.optim = ml_collections.ConfigDict(dict(lr=3e-4, warmup_steps=5, grad_clip=1.0, weight_decay=0.0))
+    c.bc = ml_collections.ConfigDict(dict(
+        episodes=2048, epsilon=0.2, success_only=False, epochs=4, batch_size=64, lr=2e-3))
+    return c

@@ -1,0 +1,147 @@
+"""Behaviour cloning / SFT warm start, filtered BC and RAFT (reward-ranked fine-tuning).
+
+Demonstrations are oracle episodes (``Env.oracle_action``, optionally ε-noisy) rolled out with
+the same jitted episode runner as the policy, stored as a Hugging Face ``datasets.Dataset``
+(one row per episode: ``tokens``, ``loss_mask``, ``valid``, ``episode_return``, ``success``).
+
+SFT loss (token mean over agent tokens):  L(θ) = − Σ_t m_t log π_θ(y_t | y_<t) / Σ_t m_t.
+Filtered BC keeps the demos whose return passes a threshold (or the successful ones); RAFT
+samples G rollouts per task from the current policy, keeps the best of each group (reward-
+ranked) and runs SFT on them.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import datasets
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from envs.base import Env
+from rl_agents import losses
+from rl_agents.rollout import Trajectory, oracle_policy, rollout, run_episodes
+from rl_agents.sampling import SamplingConfig
+
+DATASET_COLUMNS = ("tokens", "valid", "loss_mask", "episode_return", "success")
+
+
+def collect_demos(env: Env, key: jax.Array, num_episodes: int, epsilon: float = 0.0) -> Trajectory:
+    """Oracle episodes; with probability ``epsilon`` per turn a random action instead."""
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in [0, 1] (got {epsilon})")
+    run = jax.jit(lambda k: run_episodes(env, oracle_policy(env, epsilon), k, num_episodes))
+    return run(key)
+
+
+def to_dataset(traj: Trajectory) -> datasets.Dataset:
+    """A ``datasets.Dataset`` with one row per episode (columns ``DATASET_COLUMNS``)."""
+    cols = {c: np.asarray(getattr(traj, c)) for c in DATASET_COLUMNS}
+    return datasets.Dataset.from_dict({k: v.tolist() for k, v in cols.items()})
+
+
+def dataset_arrays(ds: datasets.Dataset) -> dict[str, np.ndarray]:
+    missing = [c for c in DATASET_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"dataset lacks columns {missing}; expected {list(DATASET_COLUMNS)}")
+    ds = ds.with_format("numpy")
+    return {c: np.asarray(ds[c]) for c in DATASET_COLUMNS}
+
+
+def filter_dataset(ds: datasets.Dataset, *, success_only: bool = False,
+                   min_return: float | None = None) -> datasets.Dataset:
+    """Filtered BC: keep successful episodes and / or those with return ≥ ``min_return``."""
+    def keep(row):
+        ok = bool(row["success"]) if success_only else True
+        if min_return is not None:
+            ok = ok and row["episode_return"] >= min_return
+        return ok
+    out = ds.filter(keep)
+    if len(out) == 0:
+        raise ValueError(f"filtering left no episodes (success_only={success_only}, "
+                         f"min_return={min_return}) out of {len(ds)}")
+    return out
+
+
+def sft_loss(model, params, tokens, valid, loss_mask):
+    logits = model.apply({"params": params}, tokens, segment_ids=valid.astype(jnp.int32))
+    logp = losses.sequence_logprobs(logits, tokens)
+    m = loss_mask.astype(jnp.float32)
+    return -(logp * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch_size: int,
+              lr: float, verbose: bool = False) -> tuple[Any, dict]:
+    """Minibatch SFT: ``epochs`` passes, each one jitted ``lax.scan`` over shuffled batches."""
+    n = len(arrays["tokens"])
+    if n < batch_size:
+        raise ValueError(f"bc batch_size={batch_size} exceeds the {n} demonstration episodes")
+    steps = n // batch_size
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+    data = {k: jnp.asarray(arrays[k]) for k in ("tokens", "valid", "loss_mask")}
+
+    @jax.jit
+    def run_epoch(params, opt_state, ekey):
+        perm = jax.random.permutation(ekey, n)[: steps * batch_size].reshape(steps, batch_size)
+
+        def step(carry, idx):
+            params, opt_state = carry
+            mb = jax.tree.map(lambda x: x[idx], data)
+            loss, grads = jax.value_and_grad(sft_loss, argnums=1)(
+                model, params, mb["tokens"], mb["valid"], mb["loss_mask"])
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), losses_ = jax.lax.scan(step, (params, opt_state), perm)
+        return params, opt_state, losses_.mean()
+
+    opt_state = opt.init(params)
+    history = []
+    for e, ekey in enumerate(jax.random.split(key, epochs)):
+        params, opt_state, loss = run_epoch(params, opt_state, ekey)
+        history.append(float(loss))
+        if verbose:
+            print(f"[bc] epoch {e + 1}/{epochs} sft loss {history[-1]:.4f}", file=sys.stderr, flush=True)
+    return params, {"bc/sft_loss": history}
+
+
+def warm_start(env: Env, model, params, key: jax.Array, bc_cfg, verbose: bool = False):
+    """Collect ε-noisy oracle demos (``bc_cfg.episodes``, ``bc_cfg.epsilon``), optionally keep only
+    successful ones (``bc_cfg.success_only``), and run SFT on them."""
+    k_demo, k_sft = jax.random.split(key)
+    demos = collect_demos(env, k_demo, bc_cfg.episodes, bc_cfg.epsilon)
+    ds = to_dataset(demos)
+    if bc_cfg.success_only:
+        ds = filter_dataset(ds, success_only=True)
+    if verbose:
+        print(f"[bc] {len(ds)} demonstration episodes (ε={bc_cfg.epsilon}, demo success "
+              f"{float(demos.success.mean()):.3f})", file=sys.stderr, flush=True)
+    return sft_train(model, params, dataset_arrays(ds), k_sft, epochs=bc_cfg.epochs,
+                     batch_size=bc_cfg.batch_size, lr=bc_cfg.lr, verbose=verbose)
+
+
+def raft_select(traj: Trajectory, group_size: int) -> jax.Array:
+    """Row indices of the best-return episode of each group (ties: the first)."""
+    r = traj.episode_return.reshape(-1, group_size)
+    return jnp.arange(r.shape[0]) * group_size + jnp.argmax(r, axis=1)
+
+
+def raft_round(env: Env, model, params, key: jax.Array, *, num_groups: int, group_size: int,
+               sampling: SamplingConfig, epochs: int, batch_size: int, lr: float,
+               success_only: bool = True):
+    """One RAFT round: sample, keep each group's best (and only successes if asked), SFT."""
+    k_roll, k_sft = jax.random.split(key)
+    traj = jax.jit(lambda p, k: rollout(env, model, p, k, num_groups=num_groups,
+                                        group_size=group_size, sampling=sampling))(params, k_roll)
+    best = raft_select(traj, group_size)
+    chosen = jax.tree.map(lambda x: x[best], traj)
+    ds = to_dataset(chosen)
+    if success_only:
+        ds = filter_dataset(ds, success_only=True)
+    new_params, metrics = sft_train(model, params, dataset_arrays(ds), k_sft, epochs=epochs,
+                                    batch_size=min(batch_size, len(ds)), lr=lr)
+    metrics["raft/kept"] = len(ds)
+    metrics["raft/sample_success"] = float(traj.success.mean())
+    return new_params, metrics

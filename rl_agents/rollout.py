@@ -1,0 +1,255 @@
+"""On-device multi-turn rollout: KV-cached generation interleaved with jitted env steps.
+
+One ``lax.scan`` over turns. Inside a turn the policy samples its action token by token
+(``lax.scan`` over the turn's token budget, one ``decode_step`` of the whole batch per token,
+stopping each row at ``<eos>``), the batch of environments steps once (``vmap``), and the
+observation is appended to the KV cache with one ``prefill`` of the chunk: the history is never
+re-encoded. Shapes are fixed: every row has the same token budget, and finished rows keep
+stepping as no-ops (nothing is written to their cache, nothing enters their loss).
+
+The result is a ``Trajectory`` in *compact layout*: each row holds its episode's real tokens
+left-aligned (prompt, action, observation, action, ...) and ``<pad>`` after, so a plain causal
+forward pass with ``positions = arange(T)`` recomputes exactly the sampler's log-probs.
+
+Group sampling: ``num_groups`` task instances, each rolled out ``group_size`` times from the
+same environment key (same hidden task), with independent sampling keys; ``group_ids`` names
+the instance of each row.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+import models
+from envs import vocab
+from envs.base import Env
+from rl_agents.hashing import hash_tokens
+from rl_agents.sampling import SamplingConfig, sample_tokens
+
+
+@struct.dataclass
+class Trajectory:
+    """A batch of B episodes, compact layout, T = Env.max_episode_tokens, K = Env.max_turns."""
+    tokens: jax.Array          # int32 [B,T]: real tokens left-aligned, <pad> after
+    valid: jax.Array           # bool  [B,T]: real tokens (a prefix of each row)
+    loss_mask: jax.Array       # bool  [B,T]: tokens the agent generated (incl. its <eos>)
+    behaviour_logp: jax.Array  # f32   [B,T]: log π_old(token) under the tempered sampler; 0 elsewhere
+    rewards: jax.Array         # f32   [B,T]: turn k's reward on turn k's last agent token
+    turn_ids: jax.Array        # int32 [B,T]: turn of each action / observation token; -1 prompt / pad
+    turn_end: jax.Array        # bool  [B,T]: last agent token of each turn
+    turn_rewards: jax.Array    # f32   [B,K]
+    turn_valid: jax.Array      # bool  [B,K]: the agent acted at turn k
+    turn_obs_hash: jax.Array   # uint32 [B,K]: hash of the observation seen when acting at turn k
+    turn_format_error: jax.Array  # bool [B,K]
+    episode_return: jax.Array  # f32   [B]
+    episode_length: jax.Array  # int32 [B]: turns taken
+    success: jax.Array         # bool  [B]
+    terminated: jax.Array      # bool  [B]
+    truncated: jax.Array       # bool  [B]
+    group_ids: jax.Array       # int32 [B]
+
+    @property
+    def num_tokens(self) -> jax.Array:
+        return self.valid.sum(-1)
+
+
+class TurnOutput(NamedTuple):
+    action: jax.Array        # int32 [B,A]
+    action_valid: jax.Array  # bool [B,A]
+    logp: jax.Array          # f32 [B,A]
+
+
+# --------------------------------------------------------------------------------------------
+# Policies: how a turn's action is produced. A policy is three pure functions over a carried
+# policy state (the model's KV cache and next-token logits; nothing for the oracle).
+# --------------------------------------------------------------------------------------------
+class TurnPolicy(NamedTuple):
+    init: Callable[[jax.Array, jax.Array], Any]                       # (prompt, valid) -> pstate
+    act: Callable[[Any, Any, jax.Array, jax.Array], tuple[TurnOutput, Any]]  # (pstate, env_states, active, key)
+    observe: Callable[[Any, jax.Array, jax.Array], Any]               # (pstate, obs, valid) -> pstate
+
+
+def _last_valid(values: jax.Array, valid: jax.Array, fallback: jax.Array) -> jax.Array:
+    """values [B,C,...] at each row's last valid position; ``fallback`` where a row has none."""
+    n = valid.sum(-1)
+    idx = jnp.maximum(n - 1, 0)
+    picked = jnp.take_along_axis(values, idx.reshape((-1, 1) + (1,) * (values.ndim - 2)), axis=1)[:, 0]
+    keep = (n > 0).reshape((-1,) + (1,) * (picked.ndim - 1))
+    return jnp.where(keep, picked, fallback)
+
+
+def model_policy(model: models.PolicyModel, params: Any, env: Env, sampling: SamplingConfig,
+                 max_len: int | None = None) -> TurnPolicy:
+    """The language-model policy: KV-cached sampling of each turn, observations prefilled."""
+    max_len = max_len or env.max_episode_tokens
+
+    def init(prompt, valid):
+        cache = models.init_cache(model.cfg, prompt.shape[0], max_len)
+        logits, cache = models.prefill(model, params, prompt, cache, valid=valid)
+        return cache, _last_valid(logits, valid, jnp.zeros(logits.shape[::2], logits.dtype))
+
+    def act(pstate, env_states, active, key):
+        del env_states
+
+        def token_step(carry, step_key):
+            cache, logits, finished = carry
+            tok, lp = sample_tokens(logits, step_key, sampling)
+            emit = active & ~finished
+            tok = jnp.where(emit, tok, vocab.PAD)
+            lp = jnp.where(emit, lp, 0.0)
+            new_logits, cache = models.decode_step(model, params, tok, cache, valid=emit)
+            logits = jnp.where(emit[:, None], new_logits, logits)
+            finished = finished | (emit & (tok == vocab.EOS))
+            return (cache, logits, finished), (tok, emit, lp)
+
+        cache, logits = pstate
+        finished = jnp.zeros(active.shape, bool)
+        (cache, logits, _), (toks, emits, lps) = jax.lax.scan(
+            token_step, (cache, logits, finished), jax.random.split(key, env.action_len))
+        out = TurnOutput(toks.T, emits.T, lps.T)
+        return out, (cache, logits)
+
+    def observe(pstate, obs, valid):
+        cache, logits = pstate
+        new_logits, cache = models.prefill(model, params, obs, cache, valid=valid)
+        return cache, _last_valid(new_logits, valid, logits)
+
+    return TurnPolicy(init, act, observe)
+
+
+def action_valid_mask(action: jax.Array) -> jax.Array:
+    """Tokens up to and including the first <eos>, stopping at the first <pad>: [.., A] bool."""
+    not_pad = jnp.cumprod(action != vocab.PAD, axis=-1).astype(bool)
+    eos_before = jnp.cumsum(action == vocab.EOS, axis=-1) - (action == vocab.EOS)
+    return not_pad & (eos_before == 0)
+
+
+def oracle_policy(env: Env, epsilon: float = 0.0) -> TurnPolicy:
+    """The env's expert; with probability ``epsilon`` per turn a uniformly random action instead
+    (random tokens then ``<eos>``: usually a format error), for noisy demonstrations."""
+    def init(prompt, valid):
+        return ()
+
+    def act(pstate, env_states, active, key):
+        b = active.shape[0]
+        k_oracle, k_coin, k_rand = jax.random.split(key, 3)
+        oracle = jax.vmap(env.oracle_action)(env_states, jax.random.split(k_oracle, b))
+        rand_len = jax.random.randint(k_rand, (b, 1), 1, env.action_len)
+        rand_tok = jax.random.randint(jax.random.fold_in(k_rand, 1), (b, env.action_len), 2, vocab.size)
+        pos = jnp.arange(env.action_len)[None]
+        random_action = jnp.where(pos < rand_len, rand_tok, jnp.where(pos == rand_len, vocab.EOS, vocab.PAD))
+        use_random = jax.random.uniform(k_coin, (b,)) < epsilon
+        action = jnp.where(use_random[:, None], random_action, oracle).astype(jnp.int32)
+        action = jnp.where(active[:, None], action, vocab.PAD)
+        return TurnOutput(action, action_valid_mask(action), jnp.zeros(action.shape, jnp.float32)), pstate
+
+    def observe(pstate, obs, valid):
+        return pstate
+
+    return TurnPolicy(init, act, observe)
+
+
+# --------------------------------------------------------------------------------------------
+# The episode runner.
+# --------------------------------------------------------------------------------------------
+def _prefix_valid(row: jax.Array) -> jax.Array:
+    return jnp.cumprod(row != vocab.PAD, axis=-1).astype(bool)
+
+
+def compact(tree_tokens_first: dict[str, jax.Array], valid: jax.Array) -> tuple[dict, jax.Array]:
+    """Move each row's valid entries to the front (stable order); others after. Per-token leaves."""
+    order = jnp.argsort(~valid, axis=-1, stable=True)
+    out = {k: jnp.take_along_axis(v, order, axis=1) for k, v in tree_tokens_first.items()}
+    return out, jnp.take_along_axis(valid, order, axis=1)
+
+
+def run_episodes(env: Env, policy: TurnPolicy, key: jax.Array, num_groups: int,
+                 group_size: int = 1, reset_keys: jax.Array | None = None) -> Trajectory:
+    """Roll out ``num_groups * group_size`` episodes of ``env`` with ``policy``; see module doc."""
+    b = num_groups * group_size
+    k_reset, k_act = jax.random.split(key)
+    if reset_keys is None:
+        reset_keys = jax.random.split(k_reset, num_groups)
+    reset_keys = jnp.repeat(reset_keys, group_size, axis=0)
+    group_ids = jnp.repeat(jnp.arange(num_groups, dtype=jnp.int32), group_size)
+
+    env_state, ts = jax.vmap(env.reset)(reset_keys)
+    prompt = ts.observation.astype(jnp.int32)
+    prompt_valid = _prefix_valid(prompt)
+    pstate = policy.init(prompt, prompt_valid)
+
+    def turn(carry, turn_key):
+        env_state, pstate, done, seen_obs = carry
+        active = ~done
+        out, pstate = policy.act(pstate, env_state, active, turn_key)
+        action = jnp.where(out.action_valid, out.action, vocab.PAD)
+        new_state, ts = jax.vmap(env.step)(env_state, action)
+        obs = jnp.where(active[:, None], ts.observation.astype(jnp.int32), vocab.PAD)
+        obs_valid = _prefix_valid(obs) & active[:, None]
+        pstate = policy.observe(pstate, obs, obs_valid)
+        reward = jnp.where(active, ts.reward, 0.0).astype(jnp.float32)
+        record = dict(
+            action=action, action_valid=out.action_valid & active[:, None],
+            logp=jnp.where(out.action_valid, out.logp, 0.0), obs=obs, obs_valid=obs_valid,
+            reward=reward, active=active, obs_hash=hash_tokens(seen_obs),
+            format_error=ts.info["format_error"] & active, success=ts.info["success"] & active,
+            terminated=ts.terminated & active, truncated=ts.truncated & active)
+        new_done = done | (active & ts.done)
+        seen_obs = jnp.where(active[:, None], obs, seen_obs)
+        return (new_state, pstate, new_done, seen_obs), record
+
+    done0 = jnp.zeros((b,), bool)
+    _, rec = jax.lax.scan(turn, (env_state, pstate, done0, prompt),
+                          jax.random.split(k_act, env.max_turns))
+    rec = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), rec)   # [B, K, ...]
+    return assemble_trajectory(env, prompt, prompt_valid, rec, group_ids)
+
+
+def assemble_trajectory(env: Env, prompt, prompt_valid, rec: dict, group_ids) -> Trajectory:
+    """Interleave per-turn records ([B,K,...]) into token rows and compact them."""
+    b, k, a = rec["action"].shape
+    o = env.obs_len
+    n_act = rec["action_valid"].sum(-1)                                        # [B,K]
+    last = (jnp.arange(a)[None, None] == (n_act - 1)[..., None]) & rec["action_valid"]
+    turn_idx = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None, :, None], (b, k, a + o))
+
+    def rows(action_part, obs_part, prompt_part):
+        chunk = jnp.concatenate([action_part, obs_part], axis=2).reshape(b, k * (a + o))
+        return jnp.concatenate([prompt_part, chunk], axis=1)
+
+    zeros_o = lambda dt: jnp.zeros((b, k, o), dt)
+    per_token = dict(
+        tokens=rows(rec["action"], rec["obs"], prompt),
+        loss_mask=rows(rec["action_valid"], zeros_o(bool), jnp.zeros_like(prompt_valid)),
+        behaviour_logp=rows(rec["logp"], zeros_o(jnp.float32), jnp.zeros(prompt.shape, jnp.float32)),
+        rewards=rows(jnp.where(last, rec["reward"][..., None], 0.0), zeros_o(jnp.float32),
+                     jnp.zeros(prompt.shape, jnp.float32)),
+        turn_ids=rows(turn_idx[..., :a], turn_idx[..., a:], jnp.full(prompt.shape, -1, jnp.int32)),
+        turn_end=rows(last, zeros_o(bool), jnp.zeros_like(prompt_valid)),
+    )
+    valid = rows(rec["action_valid"], rec["obs_valid"], prompt_valid)
+    per_token, valid = compact(per_token, valid)
+    tokens = jnp.where(valid, per_token["tokens"], vocab.PAD)
+    return Trajectory(
+        tokens=tokens, valid=valid,
+        loss_mask=per_token["loss_mask"] & valid,
+        behaviour_logp=jnp.where(valid, per_token["behaviour_logp"], 0.0),
+        rewards=jnp.where(valid, per_token["rewards"], 0.0),
+        turn_ids=jnp.where(valid, per_token["turn_ids"], -1),
+        turn_end=per_token["turn_end"] & valid,
+        turn_rewards=rec["reward"], turn_valid=rec["active"],
+        turn_obs_hash=rec["obs_hash"], turn_format_error=rec["format_error"],
+        episode_return=rec["reward"].sum(-1), episode_length=rec["active"].sum(-1).astype(jnp.int32),
+        success=rec["success"].any(-1), terminated=rec["terminated"].any(-1),
+        truncated=rec["truncated"].any(-1) & ~rec["terminated"].any(-1),
+        group_ids=group_ids)
+
+
+def rollout(env: Env, model: models.PolicyModel, params: Any, key: jax.Array, *, num_groups: int,
+            group_size: int = 1, sampling: SamplingConfig = SamplingConfig()) -> Trajectory:
+    """Sample ``num_groups × group_size`` episodes from the policy (jit this, or call inside jit)."""
+    policy = model_policy(model, params, env, sampling)
+    return run_episodes(env, policy, key, num_groups, group_size)

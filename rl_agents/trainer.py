@@ -1,0 +1,272 @@
+"""The one-program RL iteration (PureJaxRL's shape applied to multi-turn LLM agents).
+
+``update(state) -> (state, metrics)`` is a single jitted function:
+
+    rollout (KV-cached generation × env steps, lax.scan over turns)
+    → reference log-probs and critic values (one forward pass each)
+    → rewards (+ KL-in-reward, DAPO overlong penalty) → advantages (registered estimator)
+    → ``epochs`` × ``minibatches`` optimizer steps (lax.scan), PPO-clip policy loss
+      + value loss + KL loss − entropy bonus.
+
+``make_train(config)`` returns ``train(key)``: init (with the BC warm start) and
+``lax.scan(update)`` over ``total_updates``, the whole run as one XLA program. The host loop in
+``experiments/train.py`` calls ``Trainer.update`` instead, for logging, eval and checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+import envs
+import models
+from envs import vocab
+from rl_agents import bc as bc_lib
+from rl_agents import dapo, losses
+from rl_agents.advantages import AdvantageInputs, compute_advantages
+from rl_agents.algorithms import get_algorithm
+from rl_agents.rollout import Trajectory, rollout
+from rl_agents.sampling import SamplingConfig
+
+
+@struct.dataclass
+class TrainState:
+    params: Any            # {"policy": ..., "value": ...} ("value" only with a critic)
+    opt_state: Any
+    ref_params: Any        # frozen reference policy (the initial / BC policy) for the KL term
+    key: jax.Array
+    step: jax.Array        # int32 []: updates done
+
+
+def model_config(config, env) -> models.ModelConfig:
+    m = config.model
+    return models.ModelConfig(
+        vocab_size=vocab.size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, max_seq_len=env.max_episode_tokens,
+        rope_theta=m.rope_theta, attention_impl=m.attention_impl, dtype=m.dtype,
+        param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
+        tie_embeddings=m.tie_embeddings)
+
+
+def make_env(config):
+    return envs.make(config.env.name, **dict(config.env.kwargs))
+
+
+def sequence_values(value_model, params, tokens, valid) -> jax.Array:
+    """V(s_t) for the state *before* token t: the value head read at position t−1 (0 at t=0)."""
+    v = value_model.apply({"params": params}, tokens, segment_ids=valid.astype(jnp.int32))
+    return jnp.concatenate([jnp.zeros_like(v[:, :1]), v[:, :-1]], axis=1)
+
+
+class Trainer:
+    """Builds env, models and optimizer from a config; exposes jitted ``init`` / ``update`` /
+    ``evaluate``."""
+
+    def __init__(self, config):
+        self.config = config
+        self.env = make_env(config)
+        self.algorithm = get_algorithm(config.rl.algorithm)
+        self.model_cfg = model_config(config, self.env)
+        self.policy = models.PolicyModel(self.model_cfg)
+        self.value_model = models.ValueModel(self.model_cfg) if self.algorithm.critic else None
+        r = config.rollout
+        self.num_groups, self.group_size = r.num_groups, r.group_size
+        self.batch_size = r.num_groups * r.group_size
+        self.sampling = SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+        rl = config.rl
+        if self.batch_size % rl.minibatches:
+            raise ValueError(f"config.rl.minibatches={rl.minibatches} does not divide the batch "
+                             f"{self.batch_size} (num_groups*group_size)")
+        o = config.optim
+        schedule = optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1))
+        self.optimizer = optax.chain(
+            optax.clip_by_global_norm(o.grad_clip),
+            optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=o.weight_decay))
+        self.update = jax.jit(self._update, donate_argnums=0)
+        self.evaluate = jax.jit(self._evaluate, static_argnames=("episodes", "greedy"))
+
+    # ---------------------------------------------------------------- init / BC warm start
+    def init_params(self, key) -> dict:
+        k_pol, k_val = jax.random.split(key)
+        params = {"policy": models.init_params(self.policy, k_pol)}
+        if self.value_model is not None:
+            value = models.init_params(self.value_model, k_val)
+            params["value"] = models.init_value_from_policy(params["policy"], value)
+        return params
+
+    def init(self, key, *, verbose: bool = False) -> TrainState:
+        """Fresh params, BC warm start on oracle demos (``config.bc.episodes > 0``), optimizer."""
+        k_init, k_bc, k_state = jax.random.split(key, 3)
+        params = self.init_params(k_init)
+        if self.config.bc.episodes > 0:
+            params["policy"], _ = bc_lib.warm_start(
+                self.env, self.policy, params["policy"], k_bc, self.config.bc, verbose=verbose)
+            if self.value_model is not None:
+                params["value"] = models.init_value_from_policy(params["policy"], params["value"])
+        return TrainState(params=params, opt_state=self.optimizer.init(params),
+                          ref_params=params["policy"], key=k_state,
+                          step=jnp.zeros((), jnp.int32))
+
+    # ---------------------------------------------------------------- rollout + batch
+    def _collect(self, params, key) -> tuple[Trajectory, jax.Array]:
+        """Rollouts for one update; with dynamic sampling, oversample groups and keep the
+        informative ones (all-equal-reward groups dropped, masked if too few remain)."""
+        if not self.algorithm.dynamic_sampling:
+            traj = rollout(self.env, self.policy, params, key, num_groups=self.num_groups,
+                           group_size=self.group_size, sampling=self.sampling)
+            return traj, jnp.ones((self.batch_size,), jnp.float32)
+        n_total = max(self.num_groups, int(round(self.num_groups * self.config.rl.oversample)))
+        traj = rollout(self.env, self.policy, params, key, num_groups=n_total,
+                       group_size=self.group_size, sampling=self.sampling)
+        group_returns = traj.episode_return.reshape(n_total, self.group_size)
+        idx, keep = dapo.select_informative_groups(group_returns, self.num_groups)
+        traj = dapo.gather_groups(traj, idx, self.group_size)
+        traj = traj.replace(group_ids=jnp.repeat(jnp.arange(self.num_groups, dtype=jnp.int32),
+                                                 self.group_size))
+        return traj, jnp.repeat(keep, self.group_size).astype(jnp.float32)
+
+    def _logprobs(self, policy_params, tokens, valid):
+        logits = self.policy.apply({"params": policy_params}, tokens,
+                                   segment_ids=valid.astype(jnp.int32))
+        t = self.sampling.temperature
+        return losses.sequence_logprobs(logits / t, tokens), logits / t
+
+    def _prepare(self, state: TrainState, traj: Trajectory, row_weight):
+        rl = self.config.rl
+        ref_logp = None
+        if rl.kl_coef > 0:
+            ref_logp, _ = self._logprobs(state.ref_params, traj.tokens, traj.valid)
+        rewards = traj.rewards
+        mask = traj.loss_mask
+        if rl.kl_coef > 0 and rl.kl_in_reward:
+            rewards = losses.kl_in_reward(rewards, traj.behaviour_logp, ref_logp, mask,
+                                          rl.kl_coef, rl.kl_kind)
+        if rl.overlong_cache_len > 0:
+            n_agent = mask.sum(-1)
+            budget = self.env.max_turns * self.env.action_len
+            pen = dapo.overlong_penalty(n_agent, budget, rl.overlong_cache_len)
+            rewards = rewards + pen[:, None] * (traj.turn_end & (traj.turn_ids == (traj.episode_length - 1)[:, None]))
+        values = jnp.zeros(traj.tokens.shape, jnp.float32)
+        if self.value_model is not None:
+            values = sequence_values(self.value_model, state.params["value"], traj.tokens, traj.valid)
+            values = jnp.where(mask, values, 0.0)
+        inputs = AdvantageInputs(
+            rewards=rewards, values=values, loss_mask=mask, turn_ids=traj.turn_ids,
+            turn_end=traj.turn_end, group_ids=traj.group_ids, turn_rewards=traj.turn_rewards,
+            turn_valid=traj.turn_valid, turn_obs_hash=traj.turn_obs_hash,
+            episode_return=traj.episode_return)
+        adv, returns = compute_advantages(self.algorithm.advantage, inputs,
+                                          **dict(rl.advantage_kwargs))
+        batch = dict(tokens=traj.tokens, valid=traj.valid,
+                     loss_mask=mask & (row_weight[:, None] > 0), old_logp=traj.behaviour_logp,
+                     advantages=adv, returns=returns, old_values=values)
+        if ref_logp is not None:
+            batch["ref_logp"] = ref_logp
+        return batch
+
+    # ---------------------------------------------------------------- loss + update
+    def loss_fn(self, params, mb):
+        rl = self.config.rl
+        logp, logits = self._logprobs(params["policy"], mb["tokens"], mb["valid"])
+        mask = mb["loss_mask"]
+        pg, pg_metrics = losses.ppo_policy_loss(
+            logp, mb["old_logp"], mb["advantages"], mask, eps_low=rl.eps_low,
+            eps_high=rl.eps_high, dual_clip=rl.dual_clip if rl.dual_clip > 0 else None,
+            agg=rl.agg, max_len=mb["tokens"].shape[1])
+        total = pg
+        metrics = {"loss/policy": pg, **{f"policy/{k}": v for k, v in pg_metrics.items()}}
+        # entropy of the distribution that produced token t lives at position t-1
+        ent = losses.entropy_from_logits(logits)
+        ent = jnp.concatenate([jnp.zeros_like(ent[:, :1]), ent[:, :-1]], axis=1)
+        ent_mean = losses.aggregate(ent, mask, "token-mean")
+        metrics["policy/entropy"] = ent_mean
+        if rl.entropy_coef > 0:
+            total = total - rl.entropy_coef * ent_mean
+        if "ref_logp" in mb:
+            kl = losses.kl_loss(logp, mb["ref_logp"], mask, rl.kl_kind, "token-mean")
+            metrics["policy/kl_ref"] = kl
+            if not rl.kl_in_reward:
+                total = total + rl.kl_coef * kl
+        if self.value_model is not None:
+            v = sequence_values(self.value_model, params["value"], mb["tokens"], mb["valid"])
+            vl = losses.value_loss(v, mb["old_values"], mb["returns"], mask,
+                                   clip_eps=rl.value_clip if rl.value_clip > 0 else None)
+            metrics["loss/value"] = vl
+            total = total + rl.value_coef * vl
+        metrics["loss"] = total
+        return total, metrics
+
+    def _update(self, state: TrainState):
+        rl = self.config.rl
+        key, k_roll, k_perm = jax.random.split(state.key, 3)
+        traj, row_weight = self._collect(state.params["policy"], k_roll)
+        batch = self._prepare(state, traj, row_weight)
+        n_mb = rl.minibatches
+
+        def epoch(carry, ekey):
+            params, opt_state = carry
+            perm = jax.random.permutation(ekey, self.batch_size)
+            shuffled = jax.tree.map(lambda x: x[perm].reshape((n_mb, -1) + x.shape[1:]), batch)
+
+            def minibatch(carry, mb):
+                params, opt_state = carry
+                grads, metrics = jax.grad(self.loss_fn, has_aux=True)(params, mb)
+                updates, opt_state = self.optimizer.update(grads, opt_state, params)
+                params = optax.apply_updates(params, updates)
+                metrics["grad_norm"] = optax.global_norm(grads)
+                return (params, opt_state), metrics
+
+            return jax.lax.scan(minibatch, (params, opt_state), shuffled)
+
+        (params, opt_state), metrics = jax.lax.scan(
+            epoch, (state.params, state.opt_state), jax.random.split(k_perm, rl.epochs))
+        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics.update(episode_metrics(traj, "rollout"))
+        metrics["rollout/kept_fraction"] = row_weight.mean()
+        new_state = state.replace(params=params, opt_state=opt_state, key=key, step=state.step + 1)
+        return new_state, metrics
+
+    # ---------------------------------------------------------------- evaluation
+    def _evaluate(self, policy_params, key, *, episodes: int, greedy: bool = True):
+        sampling = SamplingConfig(greedy=True) if greedy else self.sampling
+        traj = rollout(self.env, self.policy, policy_params, key, num_groups=episodes,
+                       group_size=1, sampling=sampling)
+        return episode_metrics(traj, "eval"), traj
+
+
+def episode_metrics(traj: Trajectory, prefix: str) -> dict:
+    return {
+        f"{prefix}/success_rate": traj.success.mean(),
+        f"{prefix}/return": traj.episode_return.mean(),
+        f"{prefix}/turns": traj.episode_length.mean(),
+        f"{prefix}/agent_tokens": traj.loss_mask.sum(-1).mean(),
+        f"{prefix}/format_error_rate": (traj.turn_format_error.sum(-1)
+                                        / jnp.maximum(traj.episode_length, 1)).mean(),
+        f"{prefix}/truncated": traj.truncated.mean(),
+    }
+
+
+def make_train(config):
+    """PureJaxRL shape: ``train(key) -> (final TrainState, metrics stacked over updates)``.
+
+    The BC warm start runs first (its own jitted SFT steps); the ``total_updates`` RL updates are
+    one ``lax.scan`` inside one jit.
+    """
+    trainer = Trainer(config)
+
+    def train(key):
+        state = trainer.init(key)
+
+        @jax.jit
+        def run(state):
+            return jax.lax.scan(lambda s, _: trainer._update(s), state, None,
+                                length=config.total_updates)
+
+        return run(state)
+
+    return train
