@@ -146,20 +146,26 @@ class Trainer:
         if rl.kl_coef > 0 and rl.kl_in_reward:
             rewards = losses.kl_in_reward(rewards, traj.behaviour_logp, ref_logp, mask,
                                           rl.kl_coef, rl.kl_kind)
+        turn_rewards, episode_return = traj.turn_rewards, traj.episode_return
         if rl.overlong_cache_len > 0:
-            n_agent = mask.sum(-1)
+            # DAPO's soft overlong punishment on the episode's agent-token count, added to the
+            # last turn's reward (token level, turn level and episode level alike).
             budget = self.env.max_turns * self.env.action_len
-            pen = dapo.overlong_penalty(n_agent, budget, rl.overlong_cache_len)
-            rewards = rewards + pen[:, None] * (traj.turn_end & (traj.turn_ids == (traj.episode_length - 1)[:, None]))
+            pen = dapo.overlong_penalty(mask.sum(-1), budget, rl.overlong_cache_len)
+            last_turn = traj.episode_length - 1
+            rewards = rewards + pen[:, None] * (traj.turn_end & (traj.turn_ids == last_turn[:, None]))
+            turn_rewards = turn_rewards + pen[:, None] * (
+                jnp.arange(turn_rewards.shape[1])[None] == last_turn[:, None])
+            episode_return = episode_return + pen
         values = jnp.zeros(traj.tokens.shape, jnp.float32)
         if self.value_model is not None:
             values = sequence_values(self.value_model, state.params["value"], traj.tokens, traj.valid)
             values = jnp.where(mask, values, 0.0)
         inputs = AdvantageInputs(
             rewards=rewards, values=values, loss_mask=mask, turn_ids=traj.turn_ids,
-            turn_end=traj.turn_end, group_ids=traj.group_ids, turn_rewards=traj.turn_rewards,
+            turn_end=traj.turn_end, group_ids=traj.group_ids, turn_rewards=turn_rewards,
             turn_valid=traj.turn_valid, turn_obs_hash=traj.turn_obs_hash,
-            episode_return=traj.episode_return)
+            episode_return=episode_return)
         adv, returns = compute_advantages(self.algorithm.advantage, inputs,
                                           **dict(rl.advantage_kwargs))
         batch = dict(tokens=traj.tokens, valid=traj.valid,
