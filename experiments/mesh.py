@@ -1,0 +1,154 @@
+"""Device mesh ``("data", "fsdp", "tensor")`` and the shardings built on it.
+
+* ``data``  : pure data parallelism (params replicated across it),
+* ``fsdp``  : data parallelism whose params / optimizer state are sharded (ZeRO-3 style),
+* ``tensor``: Megatron-style tensor parallelism (heads / MLP hidden / vocab split).
+
+The batch axis is split over ``("data", "fsdp")``. Parameters carry *logical* axis names
+(``PartitionSpec("embed", "mlp")``) that a rules table maps to mesh axes, e.g.
+``(("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("head_dim", None))``.
+A parameter dimension whose size is not divisible by the product of its mesh axes' sizes is
+replicated along that dimension instead (e.g. 6 kv-heads on ``tensor=4``): correct, just less
+memory-efficient; :func:`param_shardings_from_logical` reports such fallbacks if asked.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = ["AXES", "BATCH_AXES", "make_mesh", "mesh_shape", "data_sharding", "replicated",
+           "param_shardings_from_logical", "param_shardings", "shard_params", "fit_spec_to_shape"]
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_cfg: Any) -> tuple[int, int, int]:
+    """``(data, fsdp, tensor)`` from a ConfigDict / dict / object with those fields, or a 3-tuple."""
+    if isinstance(mesh_cfg, (tuple, list)):
+        if len(mesh_cfg) != 3:
+            raise ValueError(f"mesh: expected (data, fsdp, tensor), got {tuple(mesh_cfg)}")
+        vals = tuple(mesh_cfg)
+    else:
+        get = (mesh_cfg.get if isinstance(mesh_cfg, Mapping) or hasattr(mesh_cfg, "get")
+               else lambda k, d=None: getattr(mesh_cfg, k, d))
+        vals = tuple(get(a, None) for a in AXES)
+    for name, v in zip(AXES, vals):
+        if v is None:
+            raise ValueError(f"mesh.{name} is missing")
+        if isinstance(v, bool) or int(v) != v or int(v) < 1:
+            raise ValueError(f"mesh.{name} must be a positive integer, got {v!r}")
+    return tuple(int(v) for v in vals)  # type: ignore[return-value]
+
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``Mesh`` of shape ``(data, fsdp, tensor)`` over ``devices`` (default: all devices).
+
+    Uses ``mesh_utils.create_device_mesh`` (topology-aware on TPU / GPU) and falls back to a
+    plain reshape in device order when that does not apply (e.g. a subset of CPU devices).
+    """
+    shape = mesh_shape(mesh_cfg)
+    devs = list(jax.devices() if devices is None else devices)
+    if math.prod(shape) != len(devs):
+        raise ValueError(f"mesh: data*fsdp*tensor = {shape[0]}*{shape[1]}*{shape[2]} = "
+                         f"{math.prod(shape)} but {len(devs)} devices are given")
+    try:
+        from jax.experimental import mesh_utils
+        arr = mesh_utils.create_device_mesh(shape, devices=devs, allow_split_physical_axes=True)
+    except Exception:  # noqa: BLE001 - unusual topologies: keep the given order
+        arr = np.asarray(devs, dtype=object).reshape(shape)
+    return Mesh(arr, AXES)
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``("data", "fsdp")``, other axes replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _axes_size(mesh: Mesh, entry) -> int:
+    if entry is None:
+        return 1
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def fit_spec_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Replace each mesh-axis entry of ``spec`` whose dimension is not divisible by the mesh
+    axes' total size with ``None`` (replicated along that dimension)."""
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    if len(entries) > len(shape):
+        raise ValueError(f"PartitionSpec {spec} has more entries than the array has dims {tuple(shape)}")
+    out = [e if e is None or int(d) % _axes_size(mesh, e) == 0 else None
+           for e, d in zip(entries, shape)]
+    while out and out[-1] is None:
+        out.pop()
+    return PartitionSpec(*out)
+
+
+def _padded(spec: PartitionSpec, ndim: int) -> tuple:
+    return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def param_shardings_from_logical(logical_specs: Any, mesh: Mesh, rules: Sequence[tuple],
+                                 shapes: Any = None, fallbacks: list | None = None) -> Any:
+    """Logical ``PartitionSpec`` tree -> ``NamedSharding`` tree via ``flax.linen.logical_to_mesh_sharding``.
+
+    ``rules``: ``((logical, mesh_axis | tuple | None), ...)`` e.g. ``models.LOGICAL_AXIS_RULES``.
+    ``shapes``: the matching tree of arrays / ``ShapeDtypeStruct`` (or anything with ``.shape``);
+    when given, non-divisible dimensions are replicated (see :func:`fit_spec_to_shape`) and, if
+    ``fallbacks`` is a list, ``(path, mesh spec before the fallback, shape)`` of each such leaf is
+    appended to it.
+    ``None`` leaves in ``logical_specs`` mean fully replicated.
+    """
+    import flax.linen as nn
+    specs = jax.tree.map(lambda s: PartitionSpec() if s is None else s, logical_specs,
+                         is_leaf=lambda s: s is None or _is_spec(s))
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, tuple(rules))
+    if shapes is None:
+        return shardings
+
+    def fit(path, sh, leaf):
+        spec = fit_spec_to_shape(sh.spec, leaf.shape, mesh)
+        n = len(leaf.shape)
+        if fallbacks is not None and _padded(spec, n) != _padded(sh.spec, n):
+            fallbacks.append((jax.tree_util.keystr(path), _padded(sh.spec, n), tuple(leaf.shape)))
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(fit, shardings, shapes,
+                                            is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def param_shardings(specs: Any, mesh: Mesh, shapes: Any = None) -> Any:
+    """Mesh-axis ``PartitionSpec`` tree (already in mesh axis names) -> ``NamedSharding`` tree,
+    with the same divisibility fallback when ``shapes`` is given."""
+    specs = jax.tree.map(lambda s: PartitionSpec() if s is None else s, specs,
+                         is_leaf=lambda s: s is None or _is_spec(s))
+    if shapes is None:
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+    return jax.tree.map(lambda s, x: NamedSharding(mesh, fit_spec_to_shape(s, x.shape, mesh)),
+                        specs, shapes, is_leaf=_is_spec)
+
+
+def shard_params(params: Any, specs_tree: Any, mesh: Mesh, rules: Sequence[tuple] | None = None) -> Any:
+    """``device_put`` ``params`` with the shardings of ``specs_tree``.
+
+    With ``rules`` the specs are logical names (converted by :func:`param_shardings_from_logical`),
+    without they are mesh axis names. Non-divisible dimensions are replicated.
+    """
+    if rules is not None:
+        shardings = param_shardings_from_logical(specs_tree, mesh, rules, shapes=params)
+    else:
+        shardings = param_shardings(specs_tree, mesh, shapes=params)
+    return jax.device_put(params, shardings)

@@ -1,0 +1,1 @@
+"""GCP TPU VM launcher (``python -m experiments.tpu_vm.launch --help``)."""

@@ -1,0 +1,240 @@
+"""Config validation before anything is compiled: one clear line per mistake.
+
+``validate_config(config, num_devices, registered_envs=...)`` runs :data:`CHECKS` in order and
+raises :class:`ConfigError` (a ``ValueError``) naming the field and its value for the first
+failing check, e.g.::
+
+    config.mesh: data*fsdp*tensor = 2*2*1 = 4 but 8 devices are visible
+
+Each check is a small function ``check(config, ctx) -> str | None`` (the error line or None).
+Fields missing from the config are reported for the required keys and skipped otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+__all__ = ["ConfigError", "validate_config", "CHECKS", "GROUP_RELATIVE", "DTYPES", "batch_size"]
+
+
+class ConfigError(ValueError):
+    """An invalid experiment config (the message is one line naming field and value)."""
+
+
+#: Advantage estimators that normalise within a group of rollouts of the same task instance.
+GROUP_RELATIVE = frozenset({"grpo", "dr_grpo", "rloo", "gigpo", "reinforce_pp_baseline", "dapo"})
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
+REQUIRED = ("seed", "total_updates", "eval_every", "checkpoint_every", "mesh.data", "mesh.fsdp",
+            "mesh.tensor")
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Context:
+    num_devices: int
+    registered_envs: tuple[str, ...] | None
+
+
+def _get(config: Any, dotted: str) -> Any:
+    """``config.a.b`` for ConfigDicts, dicts or plain objects; ``_MISSING`` when absent."""
+    node = config
+    for part in dotted.split("."):
+        if hasattr(node, "keys") and hasattr(node, "__getitem__"):
+            try:
+                node = node[part]
+            except KeyError:
+                return _MISSING
+        else:
+            node = getattr(node, part, _MISSING)
+            if node is _MISSING:
+                return _MISSING
+    return node
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) or (
+        hasattr(v, "dtype") and getattr(v, "shape", None) == () and str(v.dtype).startswith("int"))
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) or _is_int(v)
+
+
+def batch_size(config: Any) -> int:
+    """Rollouts per update: ``rollout.num_groups * rollout.group_size``."""
+    return int(_get(config, "rollout.num_groups")) * int(_get(config, "rollout.group_size"))
+
+
+# ----------------------------------------------------------------------------- checks
+def check_required(config, ctx):
+    for f in REQUIRED:
+        if _get(config, f) is _MISSING:
+            return f"config.{f} is missing"
+    return None
+
+
+def _positive_ints(fields: Sequence[str], minimum: int = 1):
+    def check(config, ctx):
+        for f in fields:
+            v = _get(config, f)
+            if v is _MISSING:
+                continue
+            if not _is_int(v) or int(v) < minimum:
+                kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+                return f"config.{f} must be {kind}, got {v!r}"
+        return None
+    check.__name__ = f"check_ints_ge_{minimum}"
+    return check
+
+
+check_mesh_sizes = _positive_ints(("mesh.data", "mesh.fsdp", "mesh.tensor"))
+check_positive_sizes = _positive_ints((
+    "eval_every", "checkpoint_every", "log_every", "keep_checkpoints",
+    "rollout.num_groups", "rollout.group_size", "rollout.eval_episodes",
+    "rl.epochs", "rl.minibatches",
+    "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff"))
+check_non_negative = _positive_ints(("total_updates", "optim.warmup_steps", "rollout.top_k"), minimum=0)
+
+
+def check_seed(config, ctx):
+    v = _get(config, "seed")
+    if v is not _MISSING and not _is_int(v):
+        return f"config.seed must be an integer, got {v!r}"
+    return None
+
+
+def check_mesh_product(config, ctx):
+    d, f, t = (int(_get(config, f"mesh.{a}")) for a in ("data", "fsdp", "tensor"))
+    if d * f * t != ctx.num_devices:
+        return (f"config.mesh: data*fsdp*tensor = {d}*{f}*{t} = {d * f * t} but "
+                f"{ctx.num_devices} devices are visible")
+    return None
+
+
+def check_batch_divisible(config, ctx):
+    if _get(config, "rollout.num_groups") is _MISSING or _get(config, "rollout.group_size") is _MISSING:
+        return None
+    n, g = int(_get(config, "rollout.num_groups")), int(_get(config, "rollout.group_size"))
+    shards = int(_get(config, "mesh.data")) * int(_get(config, "mesh.fsdp"))
+    if (n * g) % shards:
+        return (f"config.rollout: batch num_groups*group_size = {n}*{g} = {n * g} is not divisible by "
+                f"mesh.data*mesh.fsdp = {shards}")
+    return None
+
+
+def _advantage_name(config):
+    for f in ("rl.advantage", "rl.algorithm"):
+        v = _get(config, f)
+        if v is not _MISSING and v is not None:
+            return f, str(v)
+    return None, None
+
+
+def check_group_size(config, ctx):
+    field, adv = _advantage_name(config)
+    g = _get(config, "rollout.group_size")
+    if adv in GROUP_RELATIVE and g is not _MISSING and int(g) < 2:
+        return (f"config.rollout.group_size = {g} but {field} = {adv!r} is group-relative and "
+                f"needs group_size >= 2")
+    return None
+
+
+def check_minibatches(config, ctx):
+    mb = _get(config, "rl.minibatches")
+    if mb is _MISSING or _get(config, "rollout.num_groups") is _MISSING \
+            or _get(config, "rollout.group_size") is _MISSING:
+        return None
+    b, mb = batch_size(config), int(mb)
+    if b % mb:
+        return f"config.rl.minibatches = {mb} does not divide the batch num_groups*group_size = {b}"
+    shards = int(_get(config, "mesh.data")) * int(_get(config, "mesh.fsdp"))
+    if (b // mb) % shards:
+        return (f"config.rl.minibatches = {mb}: minibatch size {b}/{mb} = {b // mb} is not divisible "
+                f"by mesh.data*mesh.fsdp = {shards}")
+    return None
+
+
+def check_heads(config, ctx):
+    h, kv = _get(config, "model.n_heads"), _get(config, "model.n_kv_heads")
+    if h is not _MISSING and kv is not _MISSING and int(h) % int(kv):
+        return f"config.model.n_heads = {h} is not divisible by model.n_kv_heads = {kv}"
+    d = _get(config, "model.d_model")
+    if _get(config, "model.head_dim") is _MISSING and h is not _MISSING and d is not _MISSING \
+            and int(d) % int(h):
+        return f"config.model.d_model = {d} is not divisible by model.n_heads = {h}"
+    return None
+
+
+def check_dtypes(config, ctx):
+    for f in ("model.dtype", "model.param_dtype"):
+        v = _get(config, f)
+        if v is not _MISSING and v not in DTYPES:
+            return f"config.{f} = {v!r} is not a known dtype (one of {', '.join(DTYPES)})"
+    return None
+
+
+def check_attention_impl(config, ctx):
+    v = _get(config, "model.attention_impl")
+    if v is not _MISSING and v not in ATTENTION_IMPLS:
+        return f"config.model.attention_impl = {v!r} is not one of {', '.join(ATTENTION_IMPLS)}"
+    return None
+
+
+def check_temperature(config, ctx):
+    v = _get(config, "rollout.temperature")
+    if v is not _MISSING and (not _is_num(v) or not math.isfinite(float(v)) or float(v) <= 0):
+        return (f"config.rollout.temperature must be > 0, got {v!r} (greedy decoding is the "
+                f"separate eval flag, not temperature 0)")
+    return None
+
+
+def check_top_p(config, ctx):
+    v = _get(config, "rollout.top_p")
+    if v is not _MISSING and (not _is_num(v) or not 0.0 < float(v) <= 1.0):
+        return f"config.rollout.top_p must be in (0, 1], got {v!r}"
+    return None
+
+
+def check_optim(config, ctx):
+    lr = _get(config, "optim.lr")
+    if lr is not _MISSING and (not _is_num(lr) or not math.isfinite(float(lr)) or float(lr) <= 0):
+        return f"config.optim.lr must be > 0, got {lr!r}"
+    for f in ("optim.grad_clip", "optim.weight_decay"):
+        v = _get(config, f)
+        if v is not _MISSING and v is not None and (not _is_num(v) or float(v) < 0):
+            return f"config.{f} must be >= 0, got {v!r}"
+    return None
+
+
+def check_env_name(config, ctx):
+    name = _get(config, "env.name")
+    if name is _MISSING or ctx.registered_envs is None:
+        return None
+    if name not in ctx.registered_envs:
+        return (f"config.env.name = {name!r} is not a registered environment "
+                f"(registered: {', '.join(sorted(ctx.registered_envs))})")
+    return None
+
+
+#: The checks, in order; the first failure is raised (later checks may assume earlier ones).
+CHECKS: tuple[Callable[[Any, Context], str | None], ...] = (
+    check_required, check_seed, check_mesh_sizes, check_mesh_product, check_positive_sizes,
+    check_non_negative, check_batch_divisible, check_group_size, check_minibatches, check_heads,
+    check_dtypes, check_attention_impl, check_temperature, check_top_p, check_optim, check_env_name,
+)
+
+
+def validate_config(config: Any, num_devices: int, registered_envs: Sequence[str] | None = None) -> None:
+    """Raise :class:`ConfigError` with one line for the first problem in ``config``.
+
+    ``num_devices``: ``jax.device_count()`` (all processes); ``registered_envs``:
+    ``envs.registered()`` (None: the env name is not checked).
+    """
+    ctx = Context(int(num_devices), None if registered_envs is None else tuple(registered_envs))
+    for check in CHECKS:
+        msg = check(config, ctx)
+        if msg is not None:
+            raise ConfigError(msg)
