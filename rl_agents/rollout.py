@@ -167,8 +167,13 @@ def compact(tree_tokens_first: dict[str, jax.Array], valid: jax.Array) -> tuple[
 
 
 def run_episodes(env: Env, policy: TurnPolicy, key: jax.Array, num_groups: int,
-                 group_size: int = 1, reset_keys: jax.Array | None = None) -> Trajectory:
-    """Roll out ``num_groups * group_size`` episodes of ``env`` with ``policy``; see module doc."""
+                 group_size: int = 1, reset_keys: jax.Array | None = None,
+                 shard_rows: Callable[[Any], Any] = lambda tree: tree) -> Trajectory:
+    """Roll out ``num_groups * group_size`` episodes of ``env`` with ``policy``; see module doc.
+
+    ``shard_rows`` constrains batch-leading arrays (e.g. to the mesh's data axes) so that each
+    device steps its own slice of the episodes.
+    """
     b = num_groups * group_size
     k_reset, k_act = jax.random.split(key)
     if reset_keys is None:
@@ -176,7 +181,8 @@ def run_episodes(env: Env, policy: TurnPolicy, key: jax.Array, num_groups: int,
     reset_keys = jnp.repeat(reset_keys, group_size, axis=0)
     group_ids = jnp.repeat(jnp.arange(num_groups, dtype=jnp.int32), group_size)
 
-    env_state, ts = jax.vmap(env.reset)(reset_keys)
+    reset_keys = shard_rows(reset_keys)
+    env_state, ts = shard_rows(jax.vmap(env.reset)(reset_keys))
     prompt = ts.observation.astype(jnp.int32)
     prompt_valid = _prefix_valid(prompt)
     pstate = policy.init(prompt, prompt_valid)
@@ -249,7 +255,33 @@ def assemble_trajectory(env: Env, prompt, prompt_valid, rec: dict, group_ids) ->
 
 
 def rollout(env: Env, model: models.PolicyModel, params: Any, key: jax.Array, *, num_groups: int,
-            group_size: int = 1, sampling: SamplingConfig = SamplingConfig()) -> Trajectory:
+            group_size: int = 1, sampling: SamplingConfig = SamplingConfig(),
+            shard_rows: Callable[[Any], Any] = lambda tree: tree) -> Trajectory:
     """Sample ``num_groups × group_size`` episodes from the policy (jit this, or call inside jit)."""
     policy = model_policy(model, params, env, sampling)
-    return run_episodes(env, policy, key, num_groups, group_size)
+    return run_episodes(env, policy, key, num_groups, group_size, shard_rows=shard_rows)
+
+
+def render_trajectory(env: Env, traj: Trajectory, row: int) -> str:
+    """Readable text of episode ``row`` of a trajectory (via ``envs.render.render_episode``)."""
+    import numpy as np
+
+    from envs.render import render_episode
+
+    valid = np.asarray(traj.valid[row])
+    toks = np.asarray(traj.tokens[row])[valid]
+    mask = np.asarray(traj.loss_mask[row])[valid]
+    turn_ids = np.asarray(traj.turn_ids[row])[valid]
+    n = int(traj.episode_length[row])
+    acts = np.full((n, env.action_len), vocab.PAD, np.int32)
+    obs = np.full((n, env.obs_len), vocab.PAD, np.int32)
+    for k in range(n):
+        a = toks[(turn_ids == k) & mask][: env.action_len]
+        o = toks[(turn_ids == k) & ~mask][: env.obs_len]
+        acts[k, : len(a)] = a
+        obs[k, : len(o)] = o
+    prompt = toks[turn_ids == -1]
+    dones = np.zeros(n, bool)
+    if n:
+        dones[-1] = True
+    return render_episode(env, prompt, acts, obs, np.asarray(traj.turn_rewards[row])[:n], dones=dones)

@@ -21,7 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import envs
 import models
@@ -67,8 +70,9 @@ class Trainer:
     """Builds env, models and optimizer from a config; exposes jitted ``init`` / ``update`` /
     ``evaluate``."""
 
-    def __init__(self, config):
+    def __init__(self, config, mesh: jax.sharding.Mesh | None = None):
         self.config = config
+        self.mesh = mesh
         self.env = make_env(config)
         self.algorithm = get_algorithm(config.rl.algorithm)
         self.model_cfg = model_config(config, self.env)
@@ -87,8 +91,69 @@ class Trainer:
         self.optimizer = optax.chain(
             optax.clip_by_global_norm(o.grad_clip),
             optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=o.weight_decay))
-        self.update = jax.jit(self._update, donate_argnums=0)
         self.evaluate = jax.jit(self._evaluate, static_argnames=("episodes", "greedy"))
+        self.sample_groups = jax.jit(self._sample_groups, static_argnames=("num_groups", "group_size"))
+        if mesh is None:
+            self.state_shardings = None
+            self.update = jax.jit(self._update, donate_argnums=0)
+        else:
+            self.state_shardings = self._state_shardings()
+            self.update = jax.jit(self._update, donate_argnums=0,
+                                  in_shardings=(self.state_shardings,),
+                                  out_shardings=(self.state_shardings, NamedSharding(mesh, P())))
+
+    # ---------------------------------------------------------------- sharding
+    def _boxed_params(self, key):
+        """Params with their ``nn.Partitioned`` logical-axis boxes (for sharding specs)."""
+        tokens = jnp.zeros((1, 8), jnp.int32)
+        k_pol, k_val = jax.random.split(key)
+        out = {"policy": self.policy.init(k_pol, tokens)["params"]}
+        if self.value_model is not None:
+            out["value"] = self.value_model.init(k_val, tokens)["params"]
+        return out
+
+    def _state_shardings(self):
+        """NamedShardings of the TrainState: params and optimizer moments by the models'
+        logical-axis rules (``models.LOGICAL_AXIS_RULES``), scalars and keys replicated."""
+        from experiments.mesh import param_shardings_from_logical
+
+        boxed = jax.eval_shape(self._boxed_params, jax.random.PRNGKey(0))
+        boxed_opt = jax.eval_shape(self.optimizer.init, boxed)
+        unboxed = nn.meta.unbox(boxed)
+        unboxed_opt = nn.meta.unbox(boxed_opt)
+        rules = models.LOGICAL_AXIS_RULES
+        param_sh = param_shardings_from_logical(nn.get_partition_spec(boxed), self.mesh, rules,
+                                                shapes=jax.tree.map(lambda a: a.shape, unboxed))
+        opt_sh = param_shardings_from_logical(nn.get_partition_spec(boxed_opt), self.mesh, rules,
+                                              shapes=jax.tree.map(lambda a: a.shape, unboxed_opt))
+        rep = NamedSharding(self.mesh, P())
+        return TrainState(params=param_sh, opt_state=opt_sh, ref_params=param_sh["policy"],
+                          key=rep, step=rep)
+
+    def _shard_rows(self, tree):
+        """Constrain batch-leading leaves to the ("data", "fsdp") axes of the mesh."""
+        if self.mesh is None:
+            return tree
+        sh = NamedSharding(self.mesh, P(("data", "fsdp")))
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sh), tree)
+
+    def fresh_state(self, key) -> TrainState:
+        """A state without the BC warm start (same structure as ``init``'s)."""
+        k_init, k_state = jax.random.split(key)
+        params = self.init_params(k_init)
+        return TrainState(params=params, opt_state=self.optimizer.init(params),
+                          ref_params=params["policy"], key=k_state, step=jnp.zeros((), jnp.int32))
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs (with shardings under a mesh) of the TrainState, for restoring."""
+        abstract = jax.eval_shape(self.fresh_state, jax.random.PRNGKey(0))
+        if self.state_shardings is None:
+            return abstract
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, self.state_shardings)
+
+    def place(self, state: TrainState) -> TrainState:
+        return state if self.state_shardings is None else jax.device_put(state, self.state_shardings)
 
     # ---------------------------------------------------------------- init / BC warm start
     def init_params(self, key) -> dict:
@@ -108,27 +173,32 @@ class Trainer:
                 self.env, self.policy, params["policy"], k_bc, self.config.bc, verbose=verbose)
             if self.value_model is not None:
                 params["value"] = models.init_value_from_policy(params["policy"], params["value"])
-        return TrainState(params=params, opt_state=self.optimizer.init(params),
-                          ref_params=params["policy"], key=k_state,
-                          step=jnp.zeros((), jnp.int32))
+        ref = jax.tree.map(jnp.copy, params["policy"])   # own buffers: the update donates params
+        return self.place(TrainState(params=params, opt_state=self.optimizer.init(params),
+                                     ref_params=ref, key=k_state,
+                                     step=jnp.zeros((), jnp.int32)))
 
     # ---------------------------------------------------------------- rollout + batch
     def _collect(self, params, key) -> tuple[Trajectory, jax.Array]:
         """Rollouts for one update; with dynamic sampling, oversample groups and keep the
         informative ones (all-equal-reward groups dropped, masked if too few remain)."""
         if not self.algorithm.dynamic_sampling:
-            traj = rollout(self.env, self.policy, params, key, num_groups=self.num_groups,
-                           group_size=self.group_size, sampling=self.sampling)
+            traj = self._sample_groups(params, key, num_groups=self.num_groups,
+                                       group_size=self.group_size)
             return traj, jnp.ones((self.batch_size,), jnp.float32)
         n_total = max(self.num_groups, int(round(self.num_groups * self.config.rl.oversample)))
-        traj = rollout(self.env, self.policy, params, key, num_groups=n_total,
-                       group_size=self.group_size, sampling=self.sampling)
+        traj = self._sample_groups(params, key, num_groups=n_total, group_size=self.group_size)
         group_returns = traj.episode_return.reshape(n_total, self.group_size)
         idx, keep = dapo.select_informative_groups(group_returns, self.num_groups)
         traj = dapo.gather_groups(traj, idx, self.group_size)
         traj = traj.replace(group_ids=jnp.repeat(jnp.arange(self.num_groups, dtype=jnp.int32),
                                                  self.group_size))
         return traj, jnp.repeat(keep, self.group_size).astype(jnp.float32)
+
+    def _sample_groups(self, params, key, *, num_groups: int, group_size: int) -> Trajectory:
+        """``num_groups × group_size`` sampled episodes, rows sharded over the data axes."""
+        return rollout(self.env, self.policy, params, key, num_groups=num_groups,
+                       group_size=group_size, sampling=self.sampling, shard_rows=self._shard_rows)
 
     def _logprobs(self, policy_params, tokens, valid):
         logits = self.policy.apply({"params": policy_params}, tokens,
