@@ -1,0 +1,134 @@
+"""Grouped-query self-attention with RoPE: full (packed / padded) and KV-cached paths.
+
+GQA: the H query heads are split into H_kv groups of G = H / H_kv heads sharing one K/V head;
+q is reshaped to [B, T, H_kv, G, D] and contracted with k [B, S, H_kv, D] directly (K/V are never
+repeated). Scores are (q·k)·D^(−1/2) in float32.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from models.config import ModelConfig
+from models.layers import Dense
+from models.rope import apply_rope, config_rope
+
+NEG_INF = -1e30   # finite: masked scores underflow to exactly 0 after exp, never NaN
+
+
+def segment_causal_mask(segment_ids):
+    """[B, T, T] bool: query i sees key j iff j <= i, seg_i == seg_j and seg_j != 0."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal[None] & same & (segment_ids[:, None, :] != 0)
+
+
+def xla_attention(q, k, v, mask, scale: float):
+    """softmax(scale·q kᵀ masked) v. q [B,T,H,D], k/v [B,S,Hkv,D], mask [B,T,S] bool.
+    Query rows with no visible key give 0. Returns [B,T,H,D] in q's dtype."""
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, h // hkv, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    m = mask[:, None, None]
+    s = jnp.where(m, s, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(m.any(-1, keepdims=True), p, 0.0)
+    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(b, t, h, d).astype(q.dtype)
+
+
+def cached_attention(q, k_new, v_new, k_cache, v_cache, lengths, scale: float):
+    """Attention of a chunk over [cache slots < lengths_b] ∪ [chunk keys j <= i].
+
+    q [B,C,H,D]; k_new / v_new [B,C,Hkv,D] (the chunk's own keys, not yet in the cache);
+    k_cache / v_cache [B,S,Hkv,D]; lengths int32 [B]. Query i of row b therefore sees cache slots
+    j < lengths_b and chunk positions <= i — the same set as slots j <= lengths_b + i once the
+    chunk is written at [lengths_b, lengths_b + C). One softmax over both parts; the mask comes
+    from ``lengths`` (no [S, S] matrix). Returns [B,C,H,D] in q's dtype.
+    """
+    b, c, h, d = q.shape
+    hkv = k_new.shape[2]
+    qg = q.reshape(b, c, hkv, h // hkv, d)
+    s_old = jnp.einsum("bckgd,bskd->bkgcs", qg, k_cache.astype(q.dtype),
+                       preferred_element_type=jnp.float32) * scale
+    old_ok = jnp.arange(k_cache.shape[1])[None, :] < lengths[:, None]              # [B,S]
+    s_old = jnp.where(old_ok[:, None, None, None, :], s_old, NEG_INF)
+    s_new = jnp.einsum("bckgd,bjkd->bkgcj", qg, k_new.astype(q.dtype),
+                       preferred_element_type=jnp.float32) * scale
+    s_new = jnp.where(jnp.tril(jnp.ones((c, c), bool)), s_new, NEG_INF)
+    mx = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+    p_old, p_new = jnp.exp(s_old - mx), jnp.exp(s_new - mx)
+    denom = p_old.sum(-1) + p_new.sum(-1)                                          # [B,K,G,C]
+    o = (jnp.einsum("bkgcs,bskd->bckgd", p_old.astype(q.dtype), v_cache.astype(q.dtype),
+                    preferred_element_type=jnp.float32)
+         + jnp.einsum("bkgcj,bjkd->bckgd", p_new.astype(q.dtype), v_new.astype(q.dtype),
+                      preferred_element_type=jnp.float32))
+    o = o / jnp.moveaxis(denom, 3, 1)[..., None]
+    return o.reshape(b, c, h, d).astype(q.dtype)
+
+
+def _pallas_flash_attention():
+    """``pallas_kernels.flash_attention`` or None when it cannot be imported."""
+    try:
+        from pallas_kernels import flash_attention
+    except ImportError:
+        return None
+    return flash_attention
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """"auto" → "pallas" on GPU / TPU (when the kernel imports), "xla" otherwise."""
+    if impl == "auto":
+        if jax.default_backend() in ("gpu", "tpu") and _pallas_flash_attention() is not None:
+            return "pallas"
+        return "xla"
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"attention_impl={impl!r} is not one of ('auto', 'xla', 'pallas')")
+    return impl
+
+
+class Attention(nn.Module):
+    """Self-attention block: q/k/v projections (+ optional biases), RoPE, GQA, o_proj.
+
+    Without ``layer_cache``: causal attention within equal non-zero segment ids (packed / padded
+    rows), returns (out, None). With ``layer_cache=(k_cache, v_cache)`` [B,S,Hkv,D] and
+    ``lengths`` [B]: the chunk attends to the cache prefix and causally to itself; returns
+    (out, (k_chunk, v_chunk)) — the chunk's post-RoPE keys / values for the caller to store.
+    """
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, layer_cache=None, lengths=None):
+        cfg = self.cfg
+        h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, use_bias=cfg.qkv_bias)
+        q = Dense((h, d), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
+        k = Dense((hkv, d), ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
+        v = Dense((hkv, d), ("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
+        inv_freq, mscale = config_rope(cfg)
+        q = apply_rope(q, positions, inv_freq, mscale)
+        k = apply_rope(k, positions, inv_freq, mscale)
+        scale = 1.0 / math.sqrt(d)
+        new_kv = None
+        if layer_cache is not None:
+            k_cache, v_cache = layer_cache
+            k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
+            o = cached_attention(q, k, v, k_cache, v_cache, lengths, scale)
+            new_kv = (k, v)
+        elif resolve_attention_impl(cfg.attention_impl) == "pallas":
+            flash_attention = _pallas_flash_attention()
+            if flash_attention is None:
+                raise ImportError("attention_impl='pallas' needs pallas_kernels.flash_attention, "
+                                  "which could not be imported")
+            o = flash_attention(q, k, v, causal=True, segment_ids=segment_ids.astype(jnp.int32),
+                                sm_scale=scale)
+        else:
+            o = xla_attention(q, k, v, segment_causal_mask(segment_ids), scale)
+        out = Dense((x.shape[-1],), ("heads", "head_dim", "embed"), n_in=2, name="o_proj",
+                    dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)(o)
+        return out, new_kv
