@@ -1,0 +1,62 @@
+"""Jitted token-native environments for synthetic agentic tasks.
+
+    import envs
+    env = envs.make("kv_search", hops=2)        # -> envs.tasks.kv_search.KvSearchEnv
+    envs.registered()                           # the seven task names
+
+Task modules are imported lazily (``envs.tasks.<name>``) so that importing ``envs`` is cheap
+and a broken task module only fails when it is asked for.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+from envs.base import Env, TimeStep
+
+__all__ = ["Env", "TimeStep", "make", "registered", "env_class"]
+
+# name -> (module, class name)
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "guess_number": ("envs.tasks.guess_number", "GuessNumberEnv"),
+    "kv_search": ("envs.tasks.kv_search", "KvSearchEnv"),
+    "calculator": ("envs.tasks.calculator", "CalculatorEnv"),
+    "maze": ("envs.tasks.maze", "MazeEnv"),
+    "wordle": ("envs.tasks.wordle", "WordleEnv"),
+    "keychain": ("envs.tasks.keychain", "KeychainEnv"),
+    "bandit": ("envs.tasks.bandit", "BanditEnv"),
+}
+
+
+def registered() -> list[str]:
+    """Names accepted by ``make``, in registration order."""
+    return list(_REGISTRY)
+
+
+def env_class(name: str) -> type[Env]:
+    """The Env subclass registered under ``name`` (imports its module on first use)."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown env name {name!r}; registered: {', '.join(_REGISTRY)}")
+    module, cls = _REGISTRY[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def make(name: str, **kwargs) -> Env:
+    """Construct the task ``name`` with difficulty knobs ``kwargs``.
+
+    Raises ValueError for an unknown name (listing the registered ones) or for a keyword the
+    task's constructor does not take (listing the ones it does); the task itself validates
+    the knob values.
+    """
+    cls = env_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    takes_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not takes_var_kw:
+        allowed = [p for p in params if p != "self"
+                   and params[p].kind in (inspect.Parameter.KEYWORD_ONLY,
+                                          inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        bad = sorted(set(kwargs) - set(allowed))
+        if bad:
+            raise ValueError(f"env {name!r} got unknown keyword argument(s) {bad}; "
+                             f"it takes: {', '.join(allowed) or '(none)'}")
+    return cls(**kwargs)

@@ -1,0 +1,220 @@
+"""envs.token_ops against straightforward NumPy / Python references on random rows."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from envs import token_ops as T
+from envs import vocab
+
+RNG = np.random.default_rng(0)
+D0, A0 = vocab.DIGIT_0, vocab.LETTER_A
+
+
+def ref_action_length(a):
+    for i, t in enumerate(a):
+        if t in (vocab.EOS, vocab.PAD):
+            return i
+    return len(a)
+
+
+def ref_parse_uint(a, start, max_digits):
+    n = 0
+    i = start
+    while 0 <= i < len(a) and D0 <= a[i] < D0 + 10 and n < max_digits + 1:
+        n += 1
+        i += 1
+    used = min(n, max_digits)
+    value = 0
+    for j in range(used):
+        value = value * 10 + int(a[start + j]) - D0
+    return value, n, 1 <= n <= max_digits
+
+
+def random_rows(n, length, digit_bias=0.6):
+    """Rows mixing digits (often) with arbitrary ids, some outside the vocab."""
+    rows = RNG.integers(-5, 80, size=(n, length))
+    dig = RNG.random((n, length)) < digit_bias
+    rows[dig] = RNG.integers(D0, D0 + 10, size=dig.sum())
+    return rows.astype(np.int32)
+
+
+def test_classification_matches_reference():
+    toks = np.arange(-10, 80, dtype=np.int32)
+    d = np.asarray(T.is_digit(toks))
+    l = np.asarray(T.is_letter(toks))
+    for t, di, li in zip(toks, d, l):
+        name = vocab.TOKENS[t] if 0 <= t < vocab.size else None
+        assert di == (name is not None and name.isdigit() and len(name) == 1)
+        assert li == (name is not None and len(name) == 1 and name.isalpha())
+    dv = np.asarray(T.digit_value(toks))
+    li_ = np.asarray(T.letter_index(toks))
+    for t, v, i in zip(toks, dv, li_):
+        name = vocab.TOKENS[t] if 0 <= t < vocab.size else ""
+        assert v == (int(name) if len(name) == 1 and name.isdigit() else -1)
+        assert i == (ord(name) - ord("a") if len(name) == 1 and name.isalpha() else -1)
+    assert np.array_equal(np.asarray(T.digit_token(np.arange(10))), np.arange(10) + D0)
+    assert np.array_equal(np.asarray(T.letter_token(np.arange(26))), np.arange(26) + A0)
+
+
+def test_action_length_random_and_edges():
+    rows = RNG.integers(-3, 70, size=(300, 7)).astype(np.int32)
+    rows[::5] = np.where(RNG.random((60, 7)) < 0.3, vocab.EOS, rows[::5])
+    got = np.asarray(jax.vmap(T.action_length)(rows))
+    assert list(got) == [ref_action_length(r) for r in rows]
+    assert int(T.action_length(np.full(5, vocab.PAD))) == 0
+    assert int(T.action_length(np.full(5, 30))) == 5
+    assert int(T.action_length(np.array([30, 31, vocab.EOS, 30]))) == 2
+    assert bool(T.has_eos(np.array([30, vocab.EOS, 0]))) is True
+    assert bool(T.has_eos(np.array([30, vocab.PAD, vocab.EOS]))) is False
+    assert bool(T.has_eos(np.array([30, 30]))) is False
+
+
+@pytest.mark.parametrize("max_digits", [1, 2, 3, 5])
+def test_parse_uint_random(max_digits):
+    rows = random_rows(400, 9)
+    starts = RNG.integers(-2, 11, size=400).astype(np.int32)
+    v, n, ok = jax.jit(jax.vmap(lambda r, s: T.parse_uint(r, s, max_digits)))(rows, starts)
+    for r, s, vi, ni, oki in zip(rows, starts, np.asarray(v), np.asarray(n), np.asarray(ok)):
+        rv, rn, rok = ref_parse_uint(list(r), int(s), max_digits)
+        assert (int(ni), bool(oki)) == (rn, rok), (r, s)
+        assert int(vi) == rv, (r, s)
+
+
+def test_parse_uint_edges():
+    row = np.array(vocab.encode("<calc> 123 + 0045"), np.int32)
+    assert tuple(int(x) for x in T.parse_uint(row, 1, 3)) == (123, 3, 1)
+    assert tuple(int(x) for x in T.parse_uint(row, 1, 2))[1:] == (3, 0)   # too long
+    assert tuple(int(x) for x in T.parse_uint(row, 5, 4)) == (45, 4, 1)   # leading zeros
+    assert bool(T.parse_uint(row, 0, 3)[2]) is False                      # not a digit
+    assert bool(T.parse_uint(row, 9, 3)[2]) is False                      # past the end
+    assert bool(T.parse_uint(row, -1, 3)[2]) is False
+    with pytest.raises(ValueError, match="max_digits"):
+        T.parse_uint(row, 0, 0)
+    with pytest.raises(ValueError, match="max_digits"):
+        T.parse_uint(row, 0, 12)
+
+
+def test_parse_int():
+    for text, start, want in [("- 42", 0, (-42, 3, True)), ("42", 0, (42, 2, True)),
+                              ("- x", 0, (0, 1, False)), ("- 0", 0, (0, 2, True))]:
+        row = np.array(vocab.encode(text) + [vocab.PAD], np.int32)
+        v, n, ok = T.parse_int(row, start, 3)
+        assert (int(v), int(n), bool(ok)) == want, text
+
+
+def test_uint_to_tokens_fixed_and_var():
+    xs = np.concatenate([RNG.integers(0, 10 ** 6, 300), [0, 9, 10, 99, 100, 999999]])
+    fixed = np.asarray(jax.vmap(lambda x: T.uint_to_tokens(x, 6))(xs))
+    for x, row in zip(xs, fixed):
+        assert vocab.decode(row) == f"{x:06d}"
+    toks, n = jax.vmap(lambda x: T.uint_to_tokens_var(x, 6))(xs)
+    for x, row, ni in zip(xs, np.asarray(toks), np.asarray(n)):
+        assert int(ni) == len(str(x))
+        assert vocab.decode(row) == str(x)
+        assert np.all(row[int(ni):] == vocab.PAD)
+    # clipping
+    assert vocab.decode(np.asarray(T.uint_to_tokens(1234, 2))) == "99"
+    assert vocab.decode(np.asarray(T.uint_to_tokens_var(-5, 3)[0])) == "0"
+    with pytest.raises(ValueError, match="n_digits"):
+        T.uint_to_tokens(3, 0)
+
+
+def test_int_to_tokens_var_round_trip_with_parse_int():
+    xs = np.concatenate([RNG.integers(-9999, 10000, 300), [0, -1, 1, -9999, 9999]])
+    toks, n = jax.jit(jax.vmap(lambda x: T.int_to_tokens_var(x, 4)))(xs)
+    rows = np.concatenate([np.asarray(toks), np.zeros((len(xs), 1), np.int32)], axis=1)
+    v, m, ok = jax.jit(jax.vmap(lambda r: T.parse_int(r, 0, 4)))(rows)
+    for x, row, ni, vi, mi, oki in zip(xs, np.asarray(toks), np.asarray(n), np.asarray(v),
+                                       np.asarray(m), np.asarray(ok)):
+        assert vocab.decode(row).replace(" ", "") == str(int(x))
+        assert int(ni) == len(str(int(x)))
+        assert (int(vi), int(mi), bool(oki)) == (int(x), int(ni), True)
+
+
+def test_num_digits():
+    xs = np.concatenate([RNG.integers(-10 ** 8, 10 ** 8, 500), [0, 9, 10, -10, 99999999]])
+    assert list(np.asarray(T.num_digits(xs))) == [len(str(abs(int(x)))) for x in xs]
+
+
+def test_write_at_random():
+    L, S = 9, 5
+    f = jax.jit(T.write_at)                         # traced start / length: one compile
+    for _ in range(200):
+        row = RNG.integers(0, 64, L).astype(np.int32)
+        seq = RNG.integers(0, 64, S).astype(np.int32)
+        start = int(RNG.integers(-3, L + 3))
+        length = int(RNG.integers(-1, S + 2))
+        ref = row.copy()
+        for j in range(max(0, min(length, S))):
+            if 0 <= start + j < L:
+                ref[start + j] = seq[j]
+        assert np.array_equal(np.asarray(f(row, np.int32(start), seq, np.int32(length))), ref)
+        if length == S:                             # static-start fast path agrees
+            assert np.array_equal(np.asarray(T.write_at(row, start, seq)), ref)
+    row = np.zeros(4, np.int32)
+    assert list(np.asarray(T.write_at(row, 2, np.array([7, 8, 9])))) == [0, 0, 7, 8]
+    assert list(np.asarray(T.write_at(row, -2, np.array([7, 8, 9])))) == [9, 0, 0, 0]
+
+
+def test_pack_left_random():
+    toks = RNG.integers(0, 64, (200, 8)).astype(np.int32)
+    keep = RNG.random((200, 8)) < 0.5
+    got = np.asarray(jax.vmap(T.pack_left)(toks, keep))
+    for t, k, g in zip(toks, keep, got):
+        ref = list(t[k]) + [vocab.PAD] * (8 - k.sum())
+        assert list(g) == ref
+    with pytest.raises(ValueError, match="keep"):
+        T.pack_left(np.zeros(3, np.int32), np.zeros(4, bool))
+
+
+def test_make_row():
+    digits, n = T.uint_to_tokens_var(305, 4)
+    row = T.make_row([vocab.OBS, vocab.RESULT, (digits, n), np.array([vocab.EOS])], 8)
+    assert vocab.decode(np.asarray(row)) == "<obs> <result> 305 <eos>"
+    assert row.shape == (8,) and row.dtype == jnp.int32
+    # traced lengths under vmap
+    xs = np.array([0, 7, 42, 999])
+    rows = jax.jit(jax.vmap(lambda x: T.make_row(
+        [vocab.OBS, (T.uint_to_tokens_var(x, 3))], 6)))(xs)
+    assert [vocab.decode(r) for r in np.asarray(rows)] == [f"<obs> {x}" for x in xs]
+    # overflow of variable pieces is truncated, fixed overflow raises
+    long, ln = T.uint_to_tokens_var(123456, 6)
+    assert vocab.decode(np.asarray(T.make_row([vocab.OBS, (long, ln)], 4))) == "<obs> 123"
+    with pytest.raises(ValueError, match="length"):
+        T.make_row([vocab.OBS, np.arange(5)], 4)
+    assert np.all(np.asarray(T.make_row([], 3)) == vocab.PAD)
+
+
+def test_tokens_equal_and_first_index():
+    row = np.array(vocab.encode("<search> a3 r"), np.int32)
+    assert bool(T.tokens_equal(row, 1, np.array(vocab.encode("a3"))))
+    assert not bool(T.tokens_equal(row, 2, np.array(vocab.encode("a3"))))
+    assert not bool(T.tokens_equal(row, 3, np.array(vocab.encode("r x"))))  # runs past end
+    assert bool(T.tokens_equal(row, 3, np.array(vocab.encode("r x")), 1))
+    assert int(T.first_index(np.array([False, True, True]))) == 1
+    assert int(T.first_index(np.array([False, False]))) == 2
+    assert int(T.first_index(np.array([False, False]), default=-1)) == -1
+
+
+def test_sanitize_and_pad_row():
+    a = np.array([-3, 0, 63, 64, 1000], np.int32)
+    assert list(np.asarray(T.sanitize(a))) == [vocab.ERR, 0, 63, vocab.ERR, vocab.ERR]
+    assert list(np.asarray(T.pad_row(np.array([5, 6]), 4))) == [5, 6, 0, 0]
+    assert list(np.asarray(T.pad_row(np.array([5, 6, 7]), 2))) == [5, 6]
+
+
+def test_take_and_take2():
+    arr = RNG.integers(-50, 50, 7).astype(np.int32)
+    idx = RNG.integers(-3, 10, (4, 5)).astype(np.int32)
+    ref = np.where((idx >= 0) & (idx < 7), arr[np.clip(idx, 0, 6)], -99)
+    assert np.array_equal(np.asarray(T.take(arr, idx, fill=-99)), ref)
+    mat = RNG.integers(0, 9, (7, 3)).astype(np.int32)
+    got = np.asarray(T.take(mat, np.array([0, 6, 7])))
+    assert np.array_equal(got, np.stack([mat[0], mat[6], np.zeros(3, np.int32)]))
+    for i in range(-1, 8):
+        for j in range(-1, 4):
+            want = mat[i, j] if 0 <= i < 7 and 0 <= j < 3 else -1
+            assert int(jax.jit(T.take2)(mat, i, j, -1)) == want
+    with pytest.raises(ValueError, match="2-D"):
+        T.take2(arr, 0, 0)
