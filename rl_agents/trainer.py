@@ -31,6 +31,8 @@ import models
 from envs import vocab
 from rl_agents import bc as bc_lib
 from rl_agents import dapo, losses
+from rl_agents import process_rewards as process_lib
+from rl_agents import reward_models as rm_lib
 from rl_agents.advantages import AdvantageInputs, compute_advantages
 from rl_agents.algorithms import get_algorithm
 from rl_agents.rollout import Trajectory, rollout
@@ -44,6 +46,8 @@ class TrainState:
     ref_params: Any        # frozen reference policy (the initial / BC policy) for the KL term
     key: jax.Array
     step: jax.Array        # int32 []: updates done
+    reward_params: Any = None  # frozen learned RM (config.reward.source == "learned"), else None
+    prm: Any = None            # {"params", "opt_state"} of the PRIME implicit PRM, else None
 
 
 def model_config(config, env) -> models.ModelConfig:
@@ -91,6 +95,25 @@ class Trainer:
         self.optimizer = optax.chain(
             optax.clip_by_global_norm(o.grad_clip),
             optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=o.weight_decay))
+        # Reward source and process rewards (config.reward; absent = env reward only).
+        rw = config.get("reward", None)
+        self.reward_source = "env" if rw is None else rw.source
+        if self.reward_source not in ("env", "learned"):
+            raise ValueError(f"config.reward.source={self.reward_source!r} is not one of "
+                             f"['env', 'learned']")
+        self.rm_model = None
+        if self.reward_source == "learned":
+            ckpt = str(rw.get("rm_checkpoint", "") or "")
+            self.rm_model = models.RewardModel(
+                rm_lib.load_reward_model_config(ckpt) if ckpt else self.model_cfg)
+        self.process_cfg = rw.process if (rw is not None and "process" in rw
+                                          and rw.process.enabled) else None
+        self.prm_optimizer = None
+        if self.process_cfg is not None:
+            process_lib.process_kwargs(self.process_cfg)        # validates the keys early
+            self.prm_optimizer = optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                                             optax.adam(self.process_cfg.lr))
+        self.rm_metrics: dict = {}
         self.evaluate = jax.jit(self._evaluate, static_argnames=("episodes", "greedy"))
         self.sample_groups = jax.jit(self._sample_groups, static_argnames=("num_groups", "group_size"))
         if mesh is None:
@@ -123,12 +146,23 @@ class Trainer:
         unboxed_opt = nn.meta.unbox(boxed_opt)
         rules = models.LOGICAL_AXIS_RULES
         param_sh = param_shardings_from_logical(nn.get_partition_spec(boxed), self.mesh, rules,
-                                                shapes=jax.tree.map(lambda a: a.shape, unboxed))
+                                                shapes=unboxed)
         opt_sh = param_shardings_from_logical(nn.get_partition_spec(boxed_opt), self.mesh, rules,
-                                              shapes=jax.tree.map(lambda a: a.shape, unboxed_opt))
+                                              shapes=unboxed_opt)
         rep = NamedSharding(self.mesh, P())
+        extras = {}
+        if self.rm_model is not None:     # the RM is small and frozen: replicated
+            abstract_rm = jax.eval_shape(lambda k: models.init_params(self.rm_model, k),
+                                         jax.random.PRNGKey(0))
+            extras["reward_params"] = jax.tree.map(lambda _: rep, abstract_rm)
+        if self.prm_optimizer is not None:  # the PRM is a policy copy: policy's shardings
+            boxed_prm_opt = jax.eval_shape(self.prm_optimizer.init, boxed["policy"])
+            prm_opt_sh = param_shardings_from_logical(
+                nn.get_partition_spec(boxed_prm_opt), self.mesh, rules,
+                shapes=nn.meta.unbox(boxed_prm_opt))
+            extras["prm"] = {"params": param_sh["policy"], "opt_state": prm_opt_sh}
         return TrainState(params=param_sh, opt_state=opt_sh, ref_params=param_sh["policy"],
-                          key=rep, step=rep)
+                          key=rep, step=rep, **extras)
 
     def _shard_rows(self, tree):
         """Constrain batch-leading leaves to the ("data", "fsdp") axes of the mesh."""
@@ -141,8 +175,32 @@ class Trainer:
         """A state without the BC warm start (same structure as ``init``'s)."""
         k_init, k_state = jax.random.split(key)
         params = self.init_params(k_init)
+        ref = jax.tree.map(jnp.copy, params["policy"])   # own buffers: the update donates params
         return TrainState(params=params, opt_state=self.optimizer.init(params),
-                          ref_params=params["policy"], key=k_state, step=jnp.zeros((), jnp.int32))
+                          ref_params=ref, key=k_state, step=jnp.zeros((), jnp.int32),
+                          **self._reward_extras(key, ref, train_rm=False))
+
+    def _reward_extras(self, key, ref, *, train_rm: bool, verbose: bool = False) -> dict:
+        """TrainState fields of the reward config: the learned RM's params (trained here on
+        oracle-vs-perturbed preference pairs, trunk from the (BC) policy, or loaded from
+        ``reward.rm_checkpoint``; random when ``train_rm`` is False: structure only) and the
+        PRIME PRM (a copy of the reference policy) with its optimizer state."""
+        out = {}
+        k_rm = jax.random.fold_in(key, 7919)     # own stream: other keys unchanged
+        if self.rm_model is not None:
+            if train_rm:
+                rm_model, rm_params, self.rm_metrics = rm_lib.reward_model_from_config(
+                    self.config.reward, self.env, self.model_cfg, k_rm, init_trunk=ref,
+                    verbose=verbose)
+                if rm_model.cfg != self.rm_model.cfg:
+                    raise ValueError(f"reward model config {rm_model.cfg} != {self.rm_model.cfg}")
+            else:
+                rm_params = rm_lib.init_reward_params(self.rm_model, k_rm)
+            out["reward_params"] = rm_params
+        if self.prm_optimizer is not None:
+            prm = jax.tree.map(jnp.copy, ref)
+            out["prm"] = {"params": prm, "opt_state": self.prm_optimizer.init(prm)}
+        return out
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs (with shardings under a mesh) of the TrainState, for restoring."""
@@ -174,9 +232,10 @@ class Trainer:
             if self.value_model is not None:
                 params["value"] = models.init_value_from_policy(params["policy"], params["value"])
         ref = jax.tree.map(jnp.copy, params["policy"])   # own buffers: the update donates params
+        extras = self._reward_extras(key, ref, train_rm=True, verbose=verbose)
         return self.place(TrainState(params=params, opt_state=self.optimizer.init(params),
                                      ref_params=ref, key=k_state,
-                                     step=jnp.zeros((), jnp.int32)))
+                                     step=jnp.zeros((), jnp.int32), **extras))
 
     # ---------------------------------------------------------------- rollout + batch
     def _collect(self, params, key) -> tuple[Trajectory, jax.Array]:
@@ -205,6 +264,24 @@ class Trainer:
                                    segment_ids=valid.astype(jnp.int32))
         t = self.sampling.temperature
         return losses.sequence_logprobs(logits / t, tokens), logits / t
+
+    def _reward_transform(self, state: TrainState, traj: Trajectory, row_weight):
+        """``(traj, prm, metrics)``: with ``reward.source == "learned"`` the RM's episode score
+        replaces the env reward (rewards / turn_rewards / episode_return); with
+        ``reward.process.enabled`` the PRIME PRM takes its online step on the success labels and
+        its (Clip / Delta shaped) process rewards are added at every granularity."""
+        metrics, prm = {}, state.prm
+        if self.rm_model is not None:
+            traj = rm_lib.relabel_with_learned_reward(self.rm_model, state.reward_params, traj)
+            metrics["rollout/learned_return"] = traj.episode_return.mean()
+        if self.process_cfg is not None:
+            ref_logp, _ = self._logprobs(state.ref_params, traj.tokens, traj.valid)
+            traj, prm, pm = process_lib.apply_process_rewards(
+                traj, self.policy, prm, ref_logp, row_weight, optimizer=self.prm_optimizer,
+                temperature=self.sampling.temperature,
+                **process_lib.process_kwargs(self.process_cfg))
+            metrics.update(pm)
+        return traj, prm, metrics
 
     def _prepare(self, state: TrainState, traj: Trajectory, row_weight):
         rl = self.config.rl
@@ -281,6 +358,8 @@ class Trainer:
         rl = self.config.rl
         key, k_roll, k_perm = jax.random.split(state.key, 3)
         traj, row_weight = self._collect(state.params["policy"], k_roll)
+        env_traj = traj
+        traj, prm, reward_metrics = self._reward_transform(state, traj, row_weight)
         batch = self._prepare(state, traj, row_weight)
         n_mb = rl.minibatches
 
@@ -302,9 +381,11 @@ class Trainer:
         (params, opt_state), metrics = jax.lax.scan(
             epoch, (state.params, state.opt_state), jax.random.split(k_perm, rl.epochs))
         metrics = jax.tree.map(jnp.mean, metrics)
-        metrics.update(episode_metrics(traj, "rollout"))
+        metrics.update(episode_metrics(env_traj, "rollout"))    # env returns, not the learned ones
+        metrics.update(reward_metrics)
         metrics["rollout/kept_fraction"] = row_weight.mean()
-        new_state = state.replace(params=params, opt_state=opt_state, key=key, step=state.step + 1)
+        new_state = state.replace(params=params, opt_state=opt_state, key=key, step=state.step + 1,
+                                  prm=prm)
         return new_state, metrics
 
     # ---------------------------------------------------------------- evaluation

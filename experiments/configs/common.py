@@ -57,4 +57,13 @@ def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collec
     c.optim = ml_collections.ConfigDict(dict(lr=3e-4, warmup_steps=5, grad_clip=1.0, weight_decay=0.0))
     c.bc = ml_collections.ConfigDict(dict(
         episodes=2048, epsilon=0.2, success_only=False, epochs=4, batch_size=64, lr=2e-3))
+    # Reward source: the env's reward, or a learned Bradley–Terry reward model (trained on
+    # oracle-vs-perturbed preference pairs at init, or loaded from rm_checkpoint); optional
+    # PRIME implicit process rewards with the Clip / Delta transforms.
+    c.reward = ml_collections.ConfigDict(dict(
+        source="env", rm_checkpoint="", rm_pairs=512, rm_epsilon=0.7, rm_epochs=3,
+        rm_batch_size=32, rm_lr=1e-3, rm_eval_pairs=256,
+        process=ml_collections.ConfigDict(dict(
+            enabled=False, beta=0.05, coef=1.0, lr=1e-4, update="before", transform="none",
+            clip_eta=0.0, granularity="token"))))
     return c
