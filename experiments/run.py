@@ -1,4 +1,20 @@
-"""The thin host loop around the jitted update: logging, eval, checkpoints, resume, preemption."""
+"""The thin host loop around the jitted update: logging, eval, checkpoints, resume, preemption.
+
+``run_training(config, workdir)`` is what ``python -m experiments.train`` runs:
+
+1. ``check_config``: :func:`experiments.validation.validate_config` (mesh = device count, batch
+   divisible by the data axes, ...) plus the registries (algorithm, loss aggregation, KL
+   estimator, advantage hyper-parameters, env knobs): a bad config fails here, before anything
+   is compiled, with one :class:`ConfigError` line naming the field.
+2. ``WORKDIR/config.json`` records the run's config. Rerunning in a workdir whose config differs
+   (outside the run-length keys ``RUN_LENGTH_KEYS``) is a :class:`ConfigError` listing the
+   differing fields; a checkpoint that does not fit the state is a ``CheckpointError``. A
+   workdir is never silently re-initialised.
+3. Resume from the latest checkpoint or initialise (BC warm start), then ``Trainer.update`` per
+   step, metrics every ``log_every``, greedy eval every ``eval_every``, a checkpoint every
+   ``checkpoint_every`` and at the end. SIGTERM saves and stops. Same seed, config and device
+   count give the same ``metrics.jsonl`` lines and parameters, resumed or not.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,9 +22,9 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import envs
@@ -16,18 +32,169 @@ from experiments import distributed
 from experiments.checkpointing import Checkpointer, PreemptionGuard
 from experiments.mesh import make_mesh
 from experiments.metrics import MetricsWriter
-from experiments.validation import validate_config
+from experiments.validation import ConfigError, validate_config
+from rl_agents import losses
+from rl_agents.advantages import estimator_hparams
+from rl_agents.algorithms import get_algorithm
+from rl_agents.summarization import make_trainer
 from rl_agents.trainer import Trainer
+
+__all__ = ["ConfigError", "RUN_LENGTH_KEYS", "CONFIG_FILE", "config_fingerprint", "flat_config",
+           "config_diff", "check_config", "build_trainer", "check_workdir_config",
+           "restore_latest", "run_training", "eval_key"]
+
+#: Keys that may change between a run and its resumption (they do not shape the training).
+RUN_LENGTH_KEYS = ("total_updates", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every")
+CONFIG_FILE = "config.json"
+
+
+# ----------------------------------------------------------------------------- config identity
+def flat_config(config) -> dict[str, Any]:
+    """``{"model.d_model": 128, ...}`` (JSON values) of a ConfigDict."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+            if not node and prefix:
+                out[prefix[:-1]] = {}
+        else:
+            out[prefix[:-1]] = node
+
+    walk("", json.loads(config.to_json_best_effort(sort_keys=True)))
+    return out
+
+
+def _shaping(flat: dict) -> dict:
+    return {k: v for k, v in flat.items() if k not in RUN_LENGTH_KEYS}
 
 
 def config_fingerprint(config) -> str:
     """Hash of everything that shapes the run except its length and logging cadence."""
     d = json.loads(config.to_json_best_effort(sort_keys=True))
-    for k in ("total_updates", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every"):
+    for k in RUN_LENGTH_KEYS:
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def config_diff(old: dict, new: dict) -> list[str]:
+    """``["model.d_model: 32 -> 48", ...]`` over the run-shaping keys of two flat configs."""
+    old, new = _shaping(old), _shaping(new)
+    missing = object()
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, missing), new.get(k, missing)
+        if a != b:
+            fa = "(absent)" if a is missing else json.dumps(a)
+            fb = "(absent)" if b is missing else json.dumps(b)
+            out.append(f"{k}: {fa} -> {fb}")
+    return out
+
+
+# ----------------------------------------------------------------------------- start-up checks
+def check_config(config, num_devices: int | None = None) -> None:
+    """Everything that can be checked without compiling; raises :class:`ConfigError` (one line
+    naming the field) for the first problem."""
+    validate_config(config, jax.device_count() if num_devices is None else num_devices,
+                    registered_envs=envs.registered())
+    rl = config.rl
+    try:
+        algorithm = get_algorithm(rl.algorithm)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if rl.agg not in losses.AGGREGATIONS:
+        raise ConfigError(f"config.rl.agg = {rl.agg!r} is not one of {sorted(losses.AGGREGATIONS)}")
+    if rl.kl_kind not in losses.KL_ESTIMATORS:
+        raise ConfigError(f"config.rl.kl_kind = {rl.kl_kind!r} is not one of "
+                          f"{sorted(losses.KL_ESTIMATORS)}")
+    for f in ("kl_coef", "entropy_coef", "value_coef", "value_clip", "dual_clip", "eps_low",
+              "eps_high"):
+        if float(rl[f]) < 0:
+            raise ConfigError(f"config.rl.{f} must be >= 0, got {rl[f]!r}")
+    if rl.dual_clip and float(rl.dual_clip) <= 1.0:
+        raise ConfigError(f"config.rl.dual_clip = {rl.dual_clip!r}: dual-clip needs c > 1 (0: off)")
+    if int(rl.overlong_cache_len) < 0:
+        raise ConfigError(f"config.rl.overlong_cache_len must be >= 0, got {rl.overlong_cache_len!r}")
+    if algorithm.dynamic_sampling and float(rl.oversample) < 1.0:
+        raise ConfigError(f"config.rl.oversample = {rl.oversample!r} must be >= 1 (dynamic sampling)")
+    allowed = estimator_hparams(algorithm.advantage)
+    unknown = sorted(set(rl.advantage_kwargs.keys()) - set(allowed))
+    if unknown:
+        raise ConfigError(f"config.rl.advantage_kwargs.{unknown[0]} is not a hyper-parameter of the "
+                          f"{algorithm.advantage!r} advantage ({rl.algorithm}); it takes {sorted(allowed)}")
+    try:
+        envs.make(config.env.name, **dict(config.env.kwargs))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.env.kwargs: {' '.join(str(e).split())}") from None
+    bc = config.bc
+    if int(bc.episodes) < 0:
+        raise ConfigError(f"config.bc.episodes must be >= 0, got {bc.episodes!r}")
+    if int(bc.episodes) > 0:
+        if int(bc.batch_size) < 1 or int(bc.epochs) < 1:
+            raise ConfigError(f"config.bc.batch_size and config.bc.epochs must be >= 1, got "
+                              f"{bc.batch_size!r}, {bc.epochs!r}")
+        if int(bc.batch_size) > int(bc.episodes):
+            raise ConfigError(f"config.bc.batch_size = {bc.batch_size} exceeds config.bc.episodes = "
+                              f"{bc.episodes} (no full SFT batch)")
+        if not 0.0 <= float(bc.epsilon) <= 1.0:
+            raise ConfigError(f"config.bc.epsilon must be in [0, 1], got {bc.epsilon!r}")
+
+
+def build_trainer(config, mesh=None) -> Trainer:
+    """``Trainer(config, mesh)``; a setting it rejects becomes a one-line ConfigError."""
+    try:
+        return make_trainer(config, mesh=mesh)
+    except (ValueError, TypeError) as e:
+        msg = " ".join(str(e).split())
+        raise ConfigError(msg if msg.startswith("config") else f"config: {msg}") from None
+
+
+def check_workdir_config(config, workdir: str) -> None:
+    """Raise :class:`ConfigError` if ``workdir`` holds a run with a different config."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        try:
+            stored = json.load(f)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{path} is not valid JSON (damaged workdir?)") from None
+    diff = config_diff(stored, flat_config(config))
+    if diff:
+        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise ConfigError(f"--workdir {workdir} holds a run with a different config: "
+                          f"{'; '.join(diff[:3])}{more} (stored -> now); rerun with the stored "
+                          f"settings or use a new --workdir")
+
+
+def _write_workdir_config(config, workdir: str) -> None:
+    path = os.path.join(workdir, CONFIG_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(flat_config(config), f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def restore_latest(config, workdir: str, trainer: Trainer | None = None):
+    """``(trainer, state, step)`` of the latest checkpoint in ``workdir`` (no mesh unless
+    ``trainer`` has one). Raises FileNotFoundError without a checkpoint, ConfigError /
+    CheckpointError when it does not fit ``config``."""
+    check_workdir_config(config, workdir)
+    trainer = trainer or build_trainer(config)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no checkpoint under {ckpt_dir}; train first with experiments.train")
+    ckpt = Checkpointer(ckpt_dir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {ckpt_dir}; train first with experiments.train")
+    state, _ = ckpt.restore(step, trainer.abstract_state(),
+                            expected_fingerprint=config_fingerprint(config))
+    return trainer, state, step
+
+
+# ----------------------------------------------------------------------------- the loop
 def eval_key(config, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
 
@@ -36,29 +203,34 @@ def _scalars(metrics) -> dict:
     return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
 
-def run_training(config, workdir: str) -> dict:
-    validate_config(config, jax.device_count(), registered_envs=envs.registered())
+def run_training(config, workdir: str, *, progress: bool = True) -> dict:
+    """Train (or resume) in ``workdir``. Returns ``final_success_rate`` (last greedy eval, None
+    if no eval ran), ``start_step`` (the step it resumed from), ``updates`` (final step),
+    ``wall_s``, and the final ``state`` and its ``trainer``."""
+    check_config(config)
     main = distributed.is_main_process()
     os.makedirs(workdir, exist_ok=True)
+    check_workdir_config(config, workdir)
     mesh = make_mesh(config.mesh)
-    trainer = Trainer(config, mesh=mesh)
+    trainer = build_trainer(config, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                         save_every=config.checkpoint_every)
     fingerprint = config_fingerprint(config)
     latest = ckpt.latest_step()
     if latest is not None:
-        state, meta = ckpt.restore(latest, trainer.abstract_state(),
-                                   expected_fingerprint=fingerprint)
+        state, _ = ckpt.restore(latest, trainer.abstract_state(), expected_fingerprint=fingerprint)
         if main:
             print(f"resumed from {ckpt.directory} step {latest}", file=sys.stderr, flush=True)
-    else:
-        state = trainer.init(jax.random.PRNGKey(config.seed), verbose=main)
+    if main:
+        _write_workdir_config(config, workdir)
+    if latest is None:
+        state = trainer.init(jax.random.PRNGKey(config.seed), verbose=main and progress)
         ckpt.save(0, state, {"config_fingerprint": fingerprint}, force=True)
     start = int(state.step)
     writer = MetricsWriter(workdir, enabled=main, resume_step=start)
     t0 = time.time()
     final_success = None
-    bar = writer.progress(total=config.total_updates, initial=start) if main else None
+    bar = writer.progress(total=config.total_updates, initial=start) if main and progress else None
     with PreemptionGuard() as guard:
         for step in range(start + 1, config.total_updates + 1):
             state, metrics = trainer.update(state)
@@ -75,8 +247,9 @@ def run_training(config, workdir: str) -> dict:
                 writer.write(step, out)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{out.get('loss', float('nan')):.3f}",
-                                success=f"{out.get('rollout/success_rate', float('nan')):.2f}")
+                if "loss" in out:
+                    bar.set_postfix(loss=f"{out['loss']:.3f}",
+                                    success=f"{out.get('rollout/success_rate', float('nan')):.2f}")
             preempted = guard.should_stop
             ckpt.save(step, state, {"config_fingerprint": fingerprint},
                       force=preempted or step == config.total_updates)
@@ -87,5 +260,6 @@ def run_training(config, workdir: str) -> dict:
     if bar is not None:
         bar.close()
     writer.close()
-    return {"final_success_rate": final_success, "updates": int(state.step),
-            "wall_s": time.time() - t0}
+    ckpt.close()
+    return {"final_success_rate": final_success, "start_step": start, "updates": int(state.step),
+            "wall_s": time.time() - t0, "state": state, "trainer": trainer}

@@ -1,20 +1,25 @@
 """Train an agent: ``python -m experiments.train --config experiments/configs/NAME.py --workdir DIR``.
 
 Overrides: ``--config.rl.algorithm=ppo --config.env.name=kv_search --config.total_updates=20``.
-Writes ``DIR/metrics.jsonl`` (+ TensorBoard events under ``DIR/tensorboard``) and orbax
-checkpoints under ``DIR/checkpoints``; rerunning the same command resumes from the latest
-checkpoint and produces the same metrics as an uninterrupted run. SIGTERM (TPU preemption)
-saves a checkpoint and exits with status 0.
+Writes ``DIR/metrics.jsonl`` (+ TensorBoard events under ``DIR/tensorboard``), ``DIR/config.json``
+and orbax checkpoints under ``DIR/checkpoints``; rerunning the same command resumes from the
+latest checkpoint and produces the same metrics as an uninterrupted run. SIGTERM (TPU
+preemption) saves a checkpoint and exits with status 0.
+
+A bad command line or config (unknown / ill-typed override, mesh product != device count, batch
+not divisible by the data axes, a workdir holding a different config, a checkpoint that does not
+fit) exits with status 2 and one ``error: ...`` line on stderr naming the problem.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import distributed
+from experiments.configs import parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.", lock_config=True)
@@ -24,19 +29,33 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        print(f"error: unexpected arguments {argv[1:]} (overrides are --config.KEY=VALUE)",
+              file=sys.stderr)
+        sys.exit(2)
+    if not FLAGS["verbosity"].present:   # orbax / absl INFO lines would bury the output
+        logging.set_verbosity(logging.WARNING)
     distributed.initialize_from_env()
-    from experiments.run import run_training  # imports jax-heavy modules after distributed init
+    # jax-heavy modules after the distributed init
+    from experiments.checkpointing import CheckpointError
+    from experiments.run import ConfigError, run_training
 
     try:
         result = run_training(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError) as e:   # config / checkpoint errors: one clear line
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError) as e:   # config / checkpoint errors: one clear line
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
-    if result.get("final_success_rate") is not None and distributed.is_main_process():
+    if not distributed.is_main_process():
+        return
+    wd = os.path.abspath(FLAGS.workdir)
+    if result["start_step"] >= FLAGS.config.total_updates:
+        print(f"nothing to do: {wd} is already at step {result['updates']} "
+              f"(total_updates={FLAGS.config.total_updates})")
+    elif result["final_success_rate"] is not None:
         print(f"final greedy success rate: {result['final_success_rate']:.3f} "
-              f"({result['updates']} updates, {result['wall_s']:.0f} s, workdir {os.path.abspath(FLAGS.workdir)})")
+              f"({result['updates']} updates, {result['wall_s']:.0f} s, workdir {wd})")
+    else:
+        print(f"stopped at step {result['updates']} (preempted); rerun the same command to resume")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

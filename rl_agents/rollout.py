@@ -87,7 +87,9 @@ def model_policy(model: models.PolicyModel, params: Any, env: Env, sampling: Sam
     max_len = max_len or env.max_episode_tokens
 
     def init(prompt, valid):
-        cache = models.init_cache(model.cfg, prompt.shape[0], max_len)
+        # the barrier stops XLA from constant-folding attention over the all-zero cache at
+        # compile time (seconds per layer on CPU)
+        cache = jax.lax.optimization_barrier(models.init_cache(model.cfg, prompt.shape[0], max_len))
         logits, cache = models.prefill(model, params, prompt, cache, valid=valid)
         return cache, _last_valid(logits, valid, jnp.zeros(logits.shape[::2], logits.dtype))
 
@@ -102,7 +104,8 @@ def model_policy(model: models.PolicyModel, params: Any, env: Env, sampling: Sam
             lp = jnp.where(emit, lp, 0.0)
             new_logits, cache = models.decode_step(model, params, tok, cache, valid=emit)
             logits = jnp.where(emit[:, None], new_logits, logits)
-            finished = finished | (emit & (tok == vocab.EOS))
+            # a sampled <pad> ends the turn like <eos> (the env reads the action up to it)
+            finished = finished | (emit & ((tok == vocab.EOS) | (tok == vocab.PAD)))
             return (cache, logits, finished), (tok, emit, lp)
 
         cache, logits = pstate

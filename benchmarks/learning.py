@@ -1,0 +1,150 @@
+"""Learning benchmark: task × algorithm → greedy success after a noisy-BC warm start and after RL.
+
+    python -m benchmarks.learning --runs guess_number:grpo,guess_number:ppo --minutes 10
+    python -m benchmarks.learning --quick          # a smoke run (tiny budget)
+
+For each run: build the config (``experiments/configs/<task>_<algo>.py`` when it exists, else
+``make_config(task, algo)``), BC warm start on ε-noisy oracle demos, evaluate greedy success
+(the BC start), then RL updates until the wall-clock budget or ``total_updates`` runs out,
+evaluating every ``--eval_every`` updates. Writes the curves to ``benchmarks/results/
+learning_<task>_<algo>.json`` and a PNG, and prints a markdown table (task, algorithm, BC
+success, final success, best success, wall time, env steps, updates), with the hardware named.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+from experiments.configs.common import make_config
+from rl_agents.trainer import Trainer
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def load_config(task: str, algo: str):
+    name = f"experiments.configs.{task}_{algo}"
+    try:
+        return importlib.import_module(name).get_config()
+    except ModuleNotFoundError:
+        return make_config(task, algo)
+
+
+def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes: int,
+            overrides: dict, seed: int = 0) -> dict:
+    config = load_config(task, algo)
+    config.seed = seed
+    for k, v in overrides.items():
+        node = config
+        *path, leaf = k.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = type(node[leaf])(v) if node[leaf] is not None else v
+    t0 = time.time()
+    trainer = Trainer(config)
+    state = trainer.init(jax.random.PRNGKey(config.seed))
+    bc_time = time.time() - t0
+    ekey = jax.random.PRNGKey(1234)
+
+    def evaluate(st):
+        m, _ = trainer.evaluate(st.params["policy"], ekey, episodes=eval_episodes, greedy=True)
+        return float(m["eval/success_rate"])
+
+    curve = [{"update": 0, "wall_s": bc_time, "env_steps": 0, "success": evaluate(state)}]
+    print(f"[{task}/{algo}] BC start: greedy success {curve[0]['success']:.3f} ({bc_time:.0f} s)",
+          file=sys.stderr, flush=True)
+    env_steps = 0
+    deadline = t0 + minutes * 60
+    update = 0
+    while update < config.total_updates and time.time() < deadline:
+        state, metrics = trainer.update(state)
+        update += 1
+        env_steps += int(round(float(metrics["rollout/turns"]) * trainer.batch_size
+                               * (1 if trainer.algorithm.dynamic_sampling is False
+                                  else config.rl.oversample)))
+        if update % eval_every == 0:
+            curve.append({"update": update, "wall_s": time.time() - t0, "env_steps": env_steps,
+                          "success": evaluate(state),
+                          "rollout_success": float(metrics["rollout/success_rate"])})
+            print(f"[{task}/{algo}] update {update}: greedy success {curve[-1]['success']:.3f} "
+                  f"(rollout {curve[-1]['rollout_success']:.3f}, {curve[-1]['wall_s']:.0f} s)",
+                  file=sys.stderr, flush=True)
+    if curve[-1]["update"] != update:
+        curve.append({"update": update, "wall_s": time.time() - t0, "env_steps": env_steps,
+                      "success": evaluate(state)})
+    return {"task": task, "algorithm": algo, "bc_success": curve[0]["success"],
+            "final_success": curve[-1]["success"], "best_success": max(c["success"] for c in curve),
+            "wall_s": curve[-1]["wall_s"], "env_steps": env_steps, "updates": update,
+            "bc_epsilon": float(config.bc.epsilon), "curve": curve}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    c = result["curve"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([p["wall_s"] / 60 for p in c], [p["success"] for p in c], marker="o")
+    ax.set_xlabel("wall time (min)")
+    ax.set_ylabel("greedy success")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{result['task']} / {result['algorithm']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(results: list[dict]) -> str:
+    lines = [f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+             f"jax {jax.__version__} ({jax.default_backend()})", "",
+             "| task | algorithm | BC start (ε) | final greedy success | best | wall time | env steps | updates |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['task']} | {r['algorithm']} | {r['bc_success']:.3f} (ε={r['bc_epsilon']}) | "
+                     f"{r['final_success']:.3f} | {r['best_success']:.3f} | {r['wall_s'] / 60:.1f} min | "
+                     f"{r['env_steps']:,} | {r['updates']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", default="guess_number:grpo,guess_number:ppo")
+    ap.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget per run")
+    ap.add_argument("--eval_every", type=int, default=10)
+    ap.add_argument("--eval_episodes", type=int, default=256)
+    ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run")
+    ap.add_argument("--out", default=None, help="append the markdown table to this file")
+    args = ap.parse_args(argv)
+    overrides = dict(s.split("=", 1) for s in args.set)
+    if args.quick:
+        overrides.update({"bc.episodes": "128", "bc.epochs": "1", "total_updates": "2",
+                          "model.d_model": "32", "model.d_ff": "64", "model.n_layers": "1"})
+        args.eval_every, args.eval_episodes = 1, 16
+    os.makedirs(RESULTS, exist_ok=True)
+    results = []
+    for spec in args.runs.split(","):
+        task, algo = spec.split(":")
+        r = run_one(task, algo, args.minutes, args.eval_every, args.eval_episodes, overrides)
+        results.append(r)
+        if not args.quick:
+            with open(os.path.join(RESULTS, f"learning_{task}_{algo}.json"), "w") as f:
+                json.dump(r, f, indent=1)
+            plot(r, os.path.join(RESULTS, f"learning_{task}_{algo}.png"))
+    text = table(results)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""GRPO on calculator (2 operations over operands < 20, a calculator tool per operation).
+
+    python -m experiments.train --config experiments/configs/calculator_grpo.py --workdir workdirs/calculator_grpo
+"""
+from experiments.configs.recipes import recipe
+
+
+def get_config():
+    c = recipe("calculator", "grpo")
+    c.total_updates = 60
+    c.eval_every = 20
+    c.checkpoint_every = 20
+    return c

@@ -1,0 +1,13 @@
+"""PPO (token GAE, critic, KL-in-reward 0.01) on kv_search.
+
+    python -m experiments.train --config experiments/configs/kv_search_ppo.py --workdir workdirs/kv_search_ppo
+"""
+from experiments.configs.recipes import recipe
+
+
+def get_config():
+    c = recipe("kv_search", "ppo")
+    c.total_updates = 60
+    c.eval_every = 20
+    c.checkpoint_every = 20
+    return c
