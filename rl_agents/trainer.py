@@ -91,7 +91,9 @@ class Trainer:
             raise ValueError(f"config.rl.minibatches={rl.minibatches} does not divide the batch "
                              f"{self.batch_size} (num_groups*group_size)")
         o = config.optim
-        schedule = optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1))
+        # linear warm-up from 0; without warm-up the first step already uses the full lr
+        schedule = (optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps > 0
+                    else o.lr)
         self.optimizer = optax.chain(
             optax.clip_by_global_norm(o.grad_clip),
             optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=o.weight_decay))
