@@ -81,6 +81,28 @@ def _last_valid(values: jax.Array, valid: jax.Array, fallback: jax.Array) -> jax
     return jnp.where(keep, picked, fallback)
 
 
+def generate(model, params, sampling: SamplingConfig, cache, logits, rows, key, n: int):
+    """Sample up to ``n`` tokens per row of ``rows`` from ``logits`` onward, one ``decode_step``
+    of the whole batch per token, each row stopping after its ``<eos>`` (or a sampled ``<pad>``,
+    where the env stops reading); returns ``(TurnOutput [B,n], cache, logits)``. Rows not in
+    ``rows`` write nothing to the cache."""
+    def token_step(carry, step_key):
+        cache, logits, finished = carry
+        tok, lp = sample_tokens(logits, step_key, sampling)
+        emit = rows & ~finished
+        tok = jnp.where(emit, tok, vocab.PAD)
+        lp = jnp.where(emit, lp, 0.0)
+        new_logits, cache = models.decode_step(model, params, tok, cache, valid=emit)
+        logits = jnp.where(emit[:, None], new_logits, logits)
+        finished = finished | (emit & ((tok == vocab.EOS) | (tok == vocab.PAD)))
+        return (cache, logits, finished), (tok, emit, lp)
+
+    finished = jnp.zeros(rows.shape, bool)
+    (cache, logits, _), (toks, emits, lps) = jax.lax.scan(
+        token_step, (cache, logits, finished), jax.random.split(key, n))
+    return TurnOutput(toks.T, emits.T, lps.T), cache, logits
+
+
 def model_policy(model: models.PolicyModel, params: Any, env: Env, sampling: SamplingConfig,
                  max_len: int | None = None) -> TurnPolicy:
     """The language-model policy: KV-cached sampling of each turn, observations prefilled."""
@@ -95,24 +117,9 @@ def model_policy(model: models.PolicyModel, params: Any, env: Env, sampling: Sam
 
     def act(pstate, env_states, active, key):
         del env_states
-
-        def token_step(carry, step_key):
-            cache, logits, finished = carry
-            tok, lp = sample_tokens(logits, step_key, sampling)
-            emit = active & ~finished
-            tok = jnp.where(emit, tok, vocab.PAD)
-            lp = jnp.where(emit, lp, 0.0)
-            new_logits, cache = models.decode_step(model, params, tok, cache, valid=emit)
-            logits = jnp.where(emit[:, None], new_logits, logits)
-            # a sampled <pad> ends the turn like <eos> (the env reads the action up to it)
-            finished = finished | (emit & ((tok == vocab.EOS) | (tok == vocab.PAD)))
-            return (cache, logits, finished), (tok, emit, lp)
-
         cache, logits = pstate
-        finished = jnp.zeros(active.shape, bool)
-        (cache, logits, _), (toks, emits, lps) = jax.lax.scan(
-            token_step, (cache, logits, finished), jax.random.split(key, env.action_len))
-        out = TurnOutput(toks.T, emits.T, lps.T)
+        out, cache, logits = generate(model, params, sampling, cache, logits, active, key,
+                                      env.action_len)
         return out, (cache, logits)
 
     def observe(pstate, obs, valid):

@@ -63,8 +63,9 @@ from rl_agents import bc as bc_lib
 from rl_agents import dapo
 from rl_agents.advantages import AdvantageInputs, compute_advantages
 from rl_agents.hashing import hash_tokens
-from rl_agents.rollout import TurnOutput, action_valid_mask, model_policy, oracle_policy
-from rl_agents.sampling import SamplingConfig, sample_tokens
+from rl_agents.rollout import (TurnOutput, action_valid_mask, generate, model_policy,
+                               oracle_policy)
+from rl_agents.sampling import SamplingConfig
 from rl_agents.trainer import TrainState, Trainer, episode_metrics
 
 
@@ -191,27 +192,6 @@ def _last_valid(values, valid, fallback):
     idx = jnp.maximum(n - 1, 0)
     picked = jnp.take_along_axis(values, idx[:, None, None], axis=1)[:, 0]
     return jnp.where((n > 0)[:, None], picked, fallback)
-
-
-def generate(model, params, sampling: SamplingConfig, cache, logits, rows, key, n: int):
-    """Sample up to ``n`` tokens per row of ``rows`` from ``logits`` onward, one
-    ``decode_step`` per token, each row stopping after its ``<eos>``; returns
-    ``(TurnOutput [B,n], cache, logits)``. Rows not in ``rows`` write nothing."""
-    def token_step(carry, step_key):
-        cache, logits, finished = carry
-        tok, lp = sample_tokens(logits, step_key, sampling)
-        emit = rows & ~finished
-        tok = jnp.where(emit, tok, vocab.PAD)
-        lp = jnp.where(emit, lp, 0.0)
-        new_logits, cache = models.decode_step(model, params, tok, cache, valid=emit)
-        logits = jnp.where(emit[:, None], new_logits, logits)
-        finished = finished | (emit & (tok == vocab.EOS))
-        return (cache, logits, finished), (tok, emit, lp)
-
-    finished = jnp.zeros(rows.shape, bool)
-    (cache, logits, _), (toks, emits, lps) = jax.lax.scan(
-        token_step, (cache, logits, finished), jax.random.split(key, n))
-    return TurnOutput(toks.T, emits.T, lps.T), cache, logits
 
 
 def supo_model_policy(model, params, env: Env, sampling: SamplingConfig, cfg: SupoConfig) -> SupoPolicy:
