@@ -15,7 +15,7 @@ float32. Cases (each through ``rl_agents.rollout.run_episodes`` + ``model_policy
 
 The env's observation after the last turn is empty (all ``<pad>``), so a row holds
 ``obs_len + K·action_len + (K−1)·obs_len`` real tokens. Generation never stops early: the policy
-is ``NoEosPolicyModel``, a ``models.PolicyModel`` whose ``<eos>`` logit is −1e9, so every turn
+is ``NoEosPolicyModel``, a ``models.PolicyModel`` whose ``<eos>`` / ``<pad>`` logits are −1e9, so every turn
 uses its whole token budget; generated tokens are nevertheless *counted* from the trajectory
 (``loss_mask.sum()``), and a warning is printed if the count is not ``B·K·action_len``.
 
@@ -73,14 +73,15 @@ def quick_model(**overrides) -> models.ModelConfig:
 
 
 class NoEosPolicyModel(models.PolicyModel):
-    """``models.PolicyModel`` with the ``<eos>`` logit set to −1e9 (benchmark only), so sampled
-    turns always run to ``action_len`` tokens. Same parameters as the plain policy."""
+    """``models.PolicyModel`` with the ``<eos>`` and ``<pad>`` logits set to −1e9 (benchmark only;
+    either token ends a turn), so sampled turns always run to ``action_len`` tokens. Same
+    parameters as the plain policy."""
 
     def __call__(self, tokens, *args, **kwargs):
         out = super().__call__(tokens, *args, **kwargs)
 
         def mask(logits):
-            return logits.at[..., vocab.EOS].set(-1e9)
+            return logits.at[..., vocab.EOS].set(-1e9).at[..., vocab.PAD].set(-1e9)
 
         return (mask(out[0]), out[1]) if isinstance(out, tuple) else mask(out)
 
