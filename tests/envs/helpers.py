@@ -48,3 +48,11 @@ def run_mixed(env, n, turns, seed, adv=None, p_oracle=0.3):
         _MIXED[env] = jax.jit(jax.vmap(episode))
     keys = jax.random.split(jax.random.PRNGKey(seed), n)
     return jax.device_get(_MIXED[env](keys, adv, use_oracle))
+
+
+def keys(n, seed):
+    return jax.random.split(jax.random.PRNGKey(seed), n)
+
+
+def text(tokens):
+    return vocab.decode(np.asarray(tokens))

@@ -6,6 +6,7 @@ import pytest
 
 from envs import vocab
 from envs.tasks.keychain import KeychainEnv
+from tests.envs.helpers import act, keys, text
 
 _CACHE = {}
 
@@ -17,18 +18,6 @@ def get(**kw):
         env = KeychainEnv(**kw)
         _CACHE[k] = (env, jax.jit(jax.vmap(env.reset)), jax.jit(jax.vmap(env.step)), jax.jit(env.step))
     return _CACHE[k]
-
-
-def keys(n, seed):
-    return jax.random.split(jax.random.PRNGKey(seed), n)
-
-
-def act(env, text):
-    return jnp.array(vocab.pad_to(vocab.encode(text), env.action_len), jnp.int32)
-
-
-def text(tokens):
-    return vocab.decode(np.asarray(tokens))
 
 
 def first(tree, i=0):

@@ -8,6 +8,7 @@ import pytest
 
 from envs import vocab
 from envs.tasks.maze import MazeEnv, MazeState, bfs_distance
+from tests.envs.helpers import act, keys, text
 
 
 _CACHE = {}
@@ -20,18 +21,6 @@ def get(**kw):
         env = MazeEnv(**kw)
         _CACHE[k] = (env, jax.jit(jax.vmap(env.reset)), jax.jit(jax.vmap(env.step)), jax.jit(env.step))
     return _CACHE[k]
-
-
-def keys(n, seed):
-    return jax.random.split(jax.random.PRNGKey(seed), n)
-
-
-def act(env, text):
-    return jnp.array(vocab.pad_to(vocab.encode(text), env.action_len), jnp.int32)
-
-
-def text(tokens):
-    return vocab.decode(np.asarray(tokens))
 
 
 def numpy_bfs(walls, goal):

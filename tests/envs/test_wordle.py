@@ -8,6 +8,7 @@ import pytest
 
 from envs import vocab
 from envs.tasks.wordle import WordleEnv, WordleState, wordle_feedback
+from tests.envs.helpers import act, keys, text
 
 _CACHE = {}
 
@@ -19,18 +20,6 @@ def get(**kw):
         env = WordleEnv(**kw)
         _CACHE[k] = (env, jax.jit(jax.vmap(env.reset)), jax.jit(jax.vmap(env.step)), jax.jit(env.step))
     return _CACHE[k]
-
-
-def keys(n, seed):
-    return jax.random.split(jax.random.PRNGKey(seed), n)
-
-
-def act(env, text):
-    return jnp.array(vocab.pad_to(vocab.encode(text), env.action_len), jnp.int32)
-
-
-def text(tokens):
-    return vocab.decode(np.asarray(tokens))
 
 
 def reference_feedback(guess: str, answer: str) -> str:
