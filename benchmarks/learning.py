@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from experiments.configs.common import make_config
-from rl_agents.trainer import Trainer
+from rl_agents.summarization import make_trainer
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -38,7 +38,7 @@ def load_config(task: str, algo: str):
 
 
 def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes: int,
-            overrides: dict, seed: int = 0) -> dict:
+            overrides: dict, seed: int = 0, stop_at: float | None = None) -> dict:
     config = load_config(task, algo)
     config.seed = seed
     for k, v in overrides.items():
@@ -48,7 +48,7 @@ def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes
             node = node[p]
         node[leaf] = type(node[leaf])(v) if node[leaf] is not None else v
     t0 = time.time()
-    trainer = Trainer(config)
+    trainer = make_trainer(config)
     state = trainer.init(jax.random.PRNGKey(config.seed))
     bc_time = time.time() - t0
     ekey = jax.random.PRNGKey(1234)
@@ -76,13 +76,16 @@ def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes
             print(f"[{task}/{algo}] update {update}: greedy success {curve[-1]['success']:.3f} "
                   f"(rollout {curve[-1]['rollout_success']:.3f}, {curve[-1]['wall_s']:.0f} s)",
                   file=sys.stderr, flush=True)
+            if stop_at is not None and curve[-1]["success"] >= stop_at:
+                break
     if curve[-1]["update"] != update:
         curve.append({"update": update, "wall_s": time.time() - t0, "env_steps": env_steps,
                       "success": evaluate(state)})
     return {"task": task, "algorithm": algo, "bc_success": curve[0]["success"],
             "final_success": curve[-1]["success"], "best_success": max(c["success"] for c in curve),
             "wall_s": curve[-1]["wall_s"], "env_steps": env_steps, "updates": update,
-            "bc_epsilon": float(config.bc.epsilon), "curve": curve}
+            "bc_epsilon": float(config.bc.epsilon), "stop_at": stop_at,
+            "seconds_per_update": (curve[-1]["wall_s"] - bc_time) / max(update, 1), "curve": curve}
 
 
 def plot(result: dict, path: str) -> None:
@@ -102,7 +105,8 @@ def plot(result: dict, path: str) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+    lines = [f"Hardware: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} usable CPU cores "
+             f"(of {os.cpu_count()}), "
              f"jax {jax.__version__} ({jax.default_backend()})", "",
              "| task | algorithm | BC start (ε) | final greedy success | best | wall time | env steps | updates |",
              "|---|---|---|---|---|---|---|---|"]
@@ -120,6 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval_every", type=int, default=10)
     ap.add_argument("--eval_episodes", type=int, default=256)
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    ap.add_argument("--stop_at", type=float, default=None,
+                    help="stop a run once its greedy success reaches this value")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args(argv)
@@ -132,7 +139,8 @@ def main(argv=None) -> int:
     results = []
     for spec in args.runs.split(","):
         task, algo = spec.split(":")
-        r = run_one(task, algo, args.minutes, args.eval_every, args.eval_episodes, overrides)
+        r = run_one(task, algo, args.minutes, args.eval_every, args.eval_episodes, overrides,
+                    seed=args.seed, stop_at=args.stop_at)
         results.append(r)
         if not args.quick:
             with open(os.path.join(RESULTS, f"learning_{task}_{algo}.json"), "w") as f:
