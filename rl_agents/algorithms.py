@@ -1,7 +1,9 @@
 """Registry of RL algorithms, keyed by ``config.rl.algorithm``.
 
 An algorithm names its advantage estimator (see ``rl_agents.advantages``), whether it trains a
-critic (value model) and whether it uses DAPO's dynamic sampling. Everything else (clip range,
+critic (value model), whether it uses DAPO's dynamic sampling, and which trainer runs it
+(``rl_agents.summarization.make_trainer``: "default" = ``rl_agents.trainer.Trainer``,
+"archer" = ``rl_agents.archer.ArcherTrainer``). Everything else (clip range,
 aggregation, KL, entropy) is a loss setting in ``config.rl`` shared by all algorithms; the
 configs in ``experiments/configs`` set each paper's recipe.
 """
@@ -16,6 +18,7 @@ class Algorithm:
     critic: bool
     dynamic_sampling: bool = False
     doc: str = ""
+    trainer: str = "default"
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -31,6 +34,9 @@ ALGORITHMS: dict[str, Algorithm] = {
     "gigpo": Algorithm("gigpo", False, doc="GiGPO: episode group + step groups"),
     "dapo": Algorithm("grpo", False, dynamic_sampling=True,
                       doc="DAPO: GRPO advantages + dynamic sampling (clip-higher etc. in config)"),
+    "archer": Algorithm("turn_gae", True, trainer="archer",
+                        doc="ArCHer: off-policy turn-level TD critic (replay buffer, Polyak target) "
+                            "whose turn GAE (λ=0: r + γV(s') − V(s)) drives a PPO-clip token policy"),
 }
 
 

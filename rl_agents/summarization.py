@@ -62,6 +62,7 @@ from envs.wrappers import tree_select
 from rl_agents import bc as bc_lib
 from rl_agents import dapo
 from rl_agents.advantages import AdvantageInputs, compute_advantages
+from rl_agents.algorithms import ALGORITHMS
 from rl_agents.hashing import hash_tokens
 from rl_agents.rollout import (TurnOutput, action_valid_mask, generate, model_policy,
                                oracle_policy)
@@ -650,12 +651,17 @@ def prepare_supo_batch(traj: SupoTrajectory, episode_weight, estimator: str = "g
 
 
 def make_trainer(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
-    """``SupoTrainer`` when ``config.context.mode == "supo"``, else the plain ``Trainer``
-    (``config.context`` absent or mode ``"full"``)."""
+    """``SupoTrainer`` when ``config.context.mode == "supo"``; else (``config.context`` absent or
+    mode ``"full"``) the trainer the algorithm names (``Algorithm.trainer``): ``ArcherTrainer``
+    for ``config.rl.algorithm == "archer"``, the plain ``Trainer`` otherwise."""
     context = config.get("context", None) if hasattr(config, "get") else getattr(config, "context", None)
     mode = "full" if context is None else context.get("mode", "full")
     if mode == "supo":
         return SupoTrainer(config, mesh)
     if mode == "full":
+        algorithm = ALGORITHMS.get(config.rl.algorithm)   # unknown names: Trainer raises
+        if algorithm is not None and algorithm.trainer == "archer":
+            from rl_agents.archer import ArcherTrainer
+            return ArcherTrainer(config, mesh)
         return Trainer(config, mesh)
     raise ValueError(f"config.context.mode={mode!r} is not one of ['full', 'supo']")

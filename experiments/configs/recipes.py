@@ -18,6 +18,9 @@ exposed under ``env.kwargs`` (so ``--config.env.kwargs.hops=3`` works from the c
 | gigpo          | episode group (mean only) + step groups γ=0.95, ω=1; KL loss k3 0.01 (verl-agent)|
 | dapo           | clip-higher ε=(0.2, 0.28), token-mean, dynamic sampling (oversample 2),         |
 |                | overlong penalty over the last quarter of the token budget, no KL               |
+| archer         | off-policy turn critic: TD(0) γ=0.95 from a 512-episode replay, 8 critic steps  |
+|                | of 32 episodes, Adam 5e-4, Polyak τ=0.1; actor: turn advantage r+γV'−V (λ=0),   |
+|                | PPO-clip token-mean, no KL (ArCHer; ``rl_agents.archer``)                       |
 """
 from __future__ import annotations
 
@@ -81,6 +84,11 @@ RECIPES: dict[str, tuple[dict, dict]] = {
               dict(gamma=0.95, omega=1.0, norm="mean")),
     "dapo": (dict(eps_low=0.2, eps_high=0.28, agg="token-mean", kl_coef=0.0, oversample=2.0),
              dict(eps=1e-6, unbiased=True)),
+    # a plain dict (ConfigDict.update copies it): a shared ConfigDict would leak edits
+    "archer": (dict(agg="token-mean", kl_coef=0.0,
+                    archer=dict(tau=0.1, replay_episodes=512, critic_updates=8, critic_batch=32,
+                                critic_lr=5e-4, whiten=False)),
+               dict(gamma=0.95, lam=0.0)),
 }
 
 

@@ -1,0 +1,14 @@
+"""ArCHer on kv_search: off-policy turn-level TD critic (replay buffer, Polyak target) whose turn
+advantage r + γV(s') − V(s) drives the PPO-clip token policy (compare with kv_search_ppo).
+
+    python -m experiments.train --config experiments/configs/kv_search_archer.py --workdir workdirs/kv_search_archer
+"""
+from experiments.configs.recipes import recipe
+
+
+def get_config():
+    c = recipe("kv_search", "archer")
+    c.total_updates = 60
+    c.eval_every = 20
+    c.checkpoint_every = 20
+    return c
