@@ -11,6 +11,8 @@ ranked) and runs SFT on them.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import sys
 from typing import Any
 
@@ -28,16 +30,51 @@ from rl_agents.sampling import SamplingConfig
 DATASET_COLUMNS = ("tokens", "valid", "loss_mask", "episode_return", "success")
 
 
+def _check_pos_int(name: str, value: Any) -> int:
+    """``value`` as an int ≥ 1, else a ValueError naming ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def _check_epsilon(name: str, value: Any) -> float:
+    v = _as_float(name, value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return v
+
+
+def _check_lr(name: str, value: Any):
+    """A learning rate: a finite number > 0 (or an optax schedule, passed through)."""
+    if callable(value):
+        return value
+    v = _as_float(name, value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
 def collect_demos(env: Env, key: jax.Array, num_episodes: int, epsilon: float = 0.0) -> Trajectory:
     """Oracle episodes; with probability ``epsilon`` per turn a random action instead."""
-    if not 0.0 <= epsilon <= 1.0:
-        raise ValueError(f"epsilon must be in [0, 1] (got {epsilon})")
+    num_episodes = _check_pos_int("num_episodes", num_episodes)
+    epsilon = _check_epsilon("epsilon", epsilon)
     run = jax.jit(lambda k: run_episodes(env, oracle_policy(env, epsilon), k, num_episodes))
     return run(key)
 
 
 def to_dataset(traj: Trajectory) -> datasets.Dataset:
-    """A ``datasets.Dataset`` with one row per episode (columns ``DATASET_COLUMNS``)."""
+    """A ``datasets.Dataset`` with one row per episode (columns ``DATASET_COLUMNS``): ``tokens``
+    int64 [T], ``valid`` / ``loss_mask`` bool [T], ``episode_return`` float64 (the float32 value,
+    exactly), ``success`` bool. ``dataset_arrays`` reads it back as ``[N, ...]`` NumPy arrays."""
     cols = {c: np.asarray(getattr(traj, c)) for c in DATASET_COLUMNS}
     return datasets.Dataset.from_dict({k: v.tolist() for k, v in cols.items()})
 
@@ -74,8 +111,19 @@ def sft_loss(model, params, tokens, valid, loss_mask):
 
 def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch_size: int,
               lr: float, verbose: bool = False) -> tuple[Any, dict]:
-    """Minibatch SFT: ``epochs`` passes, each one jitted ``lax.scan`` over shuffled batches."""
+    """Minibatch SFT: ``epochs`` passes, each one jitted ``lax.scan`` over shuffled batches
+    (``len // batch_size`` Adam steps on ``sft_loss``, global-norm clip 1; the remainder of each
+    epoch's permutation is dropped). Returns ``(params, {"bc/sft_loss": per-epoch mean loss})``."""
+    epochs = _check_pos_int("epochs", epochs)
+    batch_size = _check_pos_int("batch_size", batch_size)
+    lr = _check_lr("lr", lr)
+    missing = [c for c in ("tokens", "valid", "loss_mask") if c not in arrays]
+    if missing:
+        raise ValueError(f"sft arrays lack {missing}; expected tokens, valid, loss_mask")
     n = len(arrays["tokens"])
+    shapes = {c: np.shape(arrays[c]) for c in ("tokens", "valid", "loss_mask")}
+    if len(set(shapes.values())) != 1 or len(shapes["tokens"]) != 2:
+        raise ValueError(f"sft arrays must share one [N, T] shape, got {shapes}")
     if n < batch_size:
         raise ValueError(f"bc batch_size={batch_size} exceeds the {n} demonstration episodes")
     steps = n // batch_size
@@ -109,7 +157,15 @@ def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch
 
 def warm_start(env: Env, model, params, key: jax.Array, bc_cfg, verbose: bool = False):
     """Collect ε-noisy oracle demos (``bc_cfg.episodes``, ``bc_cfg.epsilon``), optionally keep only
-    successful ones (``bc_cfg.success_only``), and run SFT on them."""
+    successful ones (``bc_cfg.success_only``), and run SFT on them. Bad ``bc_cfg`` values raise
+    a ValueError naming the field before any demo is collected."""
+    episodes = _check_pos_int("bc.episodes", bc_cfg.episodes)
+    _check_epsilon("bc.epsilon", bc_cfg.epsilon)
+    _check_pos_int("bc.epochs", bc_cfg.epochs)
+    batch_size = _check_pos_int("bc.batch_size", bc_cfg.batch_size)
+    _check_lr("bc.lr", bc_cfg.lr)
+    if batch_size > episodes:
+        raise ValueError(f"bc.batch_size={batch_size} exceeds bc.episodes={episodes} (no full SFT batch)")
     k_demo, k_sft = jax.random.split(key)
     demos = collect_demos(env, k_demo, bc_cfg.episodes, bc_cfg.epsilon)
     ds = to_dataset(demos)
@@ -124,6 +180,10 @@ def warm_start(env: Env, model, params, key: jax.Array, bc_cfg, verbose: bool = 
 
 def raft_select(traj: Trajectory, group_size: int) -> jax.Array:
     """Row indices of the best-return episode of each group (ties: the first)."""
+    group_size = _check_pos_int("group_size", group_size)
+    if traj.episode_return.shape[0] % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the "
+                         f"{traj.episode_return.shape[0]} episodes")
     r = traj.episode_return.reshape(-1, group_size)
     return jnp.arange(r.shape[0]) * group_size + jnp.argmax(r, axis=1)
 
@@ -132,6 +192,11 @@ def raft_round(env: Env, model, params, key: jax.Array, *, num_groups: int, grou
                sampling: SamplingConfig, epochs: int, batch_size: int, lr: float,
                success_only: bool = True):
     """One RAFT round: sample, keep each group's best (and only successes if asked), SFT."""
+    num_groups = _check_pos_int("num_groups", num_groups)
+    group_size = _check_pos_int("group_size", group_size)
+    _check_pos_int("epochs", epochs)
+    batch_size = _check_pos_int("batch_size", batch_size)
+    _check_lr("lr", lr)
     k_roll, k_sft = jax.random.split(key)
     traj = jax.jit(lambda p, k: rollout(env, model, p, k, num_groups=num_groups,
                                         group_size=group_size, sampling=sampling))(params, k_roll)
