@@ -6,11 +6,16 @@ The ``guess_number_grpo`` recipe (group mean/std advantages, seq-mean-token-mean
 by 15–25 points (see the learning table in README). Every task knob is under ``env.kwargs``,
 e.g. ``--config.env.kwargs.n=64``.
 """
+import ml_collections
+
 from experiments.configs.recipes import recipe
 
 
 def get_config():
     c = recipe("guess_number", "grpo")
+    # The recipe's GRPO hyper-parameters (eps=1e-6, unbiased std) are grpo()'s defaults; leaving
+    # advantage_kwargs empty lets `--config.rl.algorithm=ppo` etc. use their own defaults.
+    c.rl.advantage_kwargs = ml_collections.ConfigDict()
     c.bc.epsilon = 0.4
     c.total_updates = 100
     c.eval_every = 20
