@@ -1,43 +1,52 @@
-"""Env-steps per second: jit(vmap(env.step)) against the plain-Python twin.
+"""Env-steps per second: jit(vmap(env.step)) against the plain-Python twin, side by side.
 
     python -m benchmarks.env_throughput            # batches 1, 64, 1024, 4096, 5 runs
     python -m benchmarks.env_throughput --quick    # batches 1, 64, 1024, 3 runs
+    python -m benchmarks.env_throughput --envs calculator --batches 1024 --out results.md
 
 Every module of ``envs/python_twins`` that defines a class with ``from_state(state, env)`` and
 ``step(text)`` and whose module name is a registered env is benchmarked (kv_search,
-calculator, maze, ...). For each env and batch size B:
+calculator, maze, ...). For each env:
 
-* a trajectory of B episodes is generated with the jitted oracle (one ``jit(vmap)`` +
-  ``lax.scan``); T = the median oracle episode length (turns after an env's end are no-op
-  steps, the same for both sides);
-* jitted: ``jit(vmap(env.step))(states_t, actions_t)`` for t < T, each call followed by
-  ``block_until_ready``; compiled beforehand;
-* twin: B twin objects built from the reset states (not timed), then a Python loop over the T
-  turns and the B twins calling ``twin.step(text)`` with the action strings prepared before
-  timing (``vocab.decode`` of the same action tokens). The twin's own parsing and formatting
-  are timed, since they are its cost.
+* T = the median length of oracle episodes (turns after an episode's end are no-op steps, the
+  same for both sides); E = ceil(K / T) episodes per env slot, K = ``--steps-per-call``
+  (default 32). Oracle trajectories of E·B episodes are generated beforehand with one
+  ``jit(vmap)`` + ``lax.scan``: their reset states and the actions of their first T turns.
+* jitted, per timed run: ONE call of a compiled function that runs ``lax.scan`` over the E
+  episodes, each a ``lax.scan`` over its T turns of ``vmap(env.step)`` on B envs, with the
+  pre-generated action tokens (E·T = K steps per call, as PureJaxRL measures: the Python
+  dispatch of one call is spread over K steps instead of being what is measured). Every
+  TimeStep (observation, reward, flags, info) is an output, as a rollout keeps them; the
+  result is blocked on.
+* twin, per timed run: E·B twin objects built from the same reset states (not timed), then a
+  plain Python loop over episodes, turns and twins calling ``twin.step(text)`` with the action
+  strings prepared before timing (``vocab.decode`` of the same action tokens). The twin's own
+  parsing and formatting are timed, since they are its cost.
+* the timed runs alternate (jitted, twin, jitted, ...), so that both sides see the same load.
 
-Reported: env-steps per second (B * T / seconds), median of ``--runs`` runs, and the ratio.
+Reported: env-steps per second (B·E·T / seconds), the median of ``--runs`` runs, the ratio,
+and the ratio of process CPU seconds (XLA may use several threads, the twin one).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import inspect
-import os
+import math
 import pkgutil
-import platform
 import statistics
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import envs
+from benchmarks.common import append_markdown, machine_note
 from envs import vocab
 from envs.python_twins import __path__ as _twins_path
+
+DEFAULT_STEPS_PER_CALL = 32
 
 
 def discover_twins() -> dict[str, type]:
@@ -77,34 +86,64 @@ def oracle_trajectory(env, n: int, seed: int = 0):
     return states, acts, lengths
 
 
-def time_jitted(env, states, acts, B: int, T: int, runs: int) -> float:
-    step = jax.jit(jax.vmap(env.step))
-    per_t = [(jax.device_put(jax.tree_util.tree_map(lambda x: x[:B, t], states)),
-              jax.device_put(acts[:B, t])) for t in range(T)]
-    for s, a in per_t:                                   # compile + warm up
-        jax.block_until_ready(step(s, a))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for s, a in per_t:
-            jax.block_until_ready(step(s, a))
-        times.append(time.perf_counter() - t0)
-    return B * T / statistics.median(times)
+def episodes_per_call(T: int, steps_per_call: int) -> int:
+    """E = ceil(K / T): whole episodes of T turns per call, at least K steps."""
+    return max(1, math.ceil(steps_per_call / T))
 
 
-def time_twin(env, twin_cls, states, acts, B: int, T: int, runs: int) -> float:
-    texts = [[vocab.decode(acts[i, t], skip_pad=False) for i in range(B)] for t in range(T)]
-    first = [jax.tree_util.tree_map(lambda x: x[i, 0], states) for i in range(B)]
-    times = []
+def make_rollout(env):
+    """jit((reset states [E, B], actions [E, T, B, L]) -> TimeSteps [E, T, B, ...])."""
+    vstep = jax.vmap(env.step)
+
+    def episode(_, xs):
+        s0, acts = xs
+        return None, jax.lax.scan(vstep, s0, acts)[1]
+
+    return jax.jit(lambda s0, acts: jax.lax.scan(episode, None, (s0, acts))[1])
+
+
+def _timed(fn) -> tuple[float, float]:
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def time_side_by_side(env, twin_cls, s0, acts, runs: int) -> dict[str, tuple[float, float]]:
+    """{"jitted" | "twin": (median wall s, median process CPU s)} of the same B x E x T steps.
+
+    s0: reset states [E, B, ...] (numpy), acts: [E, T, B, L]. The runs alternate (jitted,
+    twin, jitted, ...) so that both sides see the same machine load.
+    """
+    E, T, B = acts.shape[:3]
+    rollout = make_rollout(env)
+    dev_s0, dev_acts = jax.device_put((s0, acts))
+    jax.block_until_ready(rollout(dev_s0, dev_acts))          # compile + warm up
+    texts = [[[vocab.decode(acts[e, t, i], skip_pad=False) for i in range(B)] for t in range(T)]
+             for e in range(E)]
+    firsts = [[jax.tree_util.tree_map(lambda x: x[e, i], s0) for i in range(B)] for e in range(E)]
+
+    def twin_loop(twins):
+        for e in range(E):
+            row_twins = twins[e]
+            for t in range(T):
+                row = texts[e][t]
+                for i, tw in enumerate(row_twins):
+                    tw.step(row[i])
+
+    out = {"jitted": [], "twin": []}
     for _ in range(runs):
-        twins = [twin_cls.from_state(s, env) for s in first]          # not timed
-        t0 = time.perf_counter()
-        for t in range(T):
-            row = texts[t]
-            for i, tw in enumerate(twins):
-                tw.step(row[i])
-        times.append(time.perf_counter() - t0)
-    return B * T / statistics.median(times)
+        out["jitted"].append(_timed(lambda: jax.block_until_ready(rollout(dev_s0, dev_acts))))
+        twins = [[twin_cls.from_state(s, env) for s in row] for row in firsts]   # not timed
+        out["twin"].append(_timed(lambda: twin_loop(twins)))
+    return {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+            for k, v in out.items()}
+
+
+def batch_inputs(states, acts, B: int, E: int, T: int):
+    """Episodes [0, E*B) as reset states [E, B, ...] and actions [E, T, B, L] (numpy)."""
+    s0 = jax.tree_util.tree_map(lambda x: x[:E * B, 0].reshape((E, B) + x.shape[2:]), states)
+    a = acts[:E * B, :T].reshape((E, B, T) + acts.shape[2:]).swapaxes(1, 2)
+    return s0, np.ascontiguousarray(a)
 
 
 def main(argv=None) -> str:
@@ -113,6 +152,9 @@ def main(argv=None) -> str:
     p.add_argument("--batches", type=int, nargs="+", default=None)
     p.add_argument("--runs", type=int, default=None, help="timed runs per measurement (>= 3)")
     p.add_argument("--envs", nargs="+", default=None, help="subset of the discovered twins")
+    p.add_argument("--steps-per-call", type=int, default=DEFAULT_STEPS_PER_CALL,
+                   help="K: env steps per jitted call (whole episodes: ceil(K / T) of them)")
+    p.add_argument("--out", default=None, help="append the table to this markdown file")
     args = p.parse_args(argv)
     batches = args.batches or ([1, 64, 1024] if args.quick else [1, 64, 1024, 4096])
     runs = args.runs or (3 if args.quick else 5)
@@ -120,6 +162,8 @@ def main(argv=None) -> str:
         raise ValueError(f"--runs must be >= 3 (median of at least 3 runs), got {runs}")
     if any(b < 1 for b in batches):
         raise ValueError(f"--batches must be positive, got {batches}")
+    if args.steps_per_call < 1:
+        raise ValueError(f"--steps-per-call must be >= 1, got {args.steps_per_call}")
     twins = discover_twins()
     if args.envs:
         unknown = sorted(set(args.envs) - set(twins))
@@ -127,23 +171,36 @@ def main(argv=None) -> str:
             raise ValueError(f"no twin for {unknown}; available: {sorted(twins)}")
         twins = {k: v for k, v in twins.items() if k in args.envs}
 
-    lines = [f"Env throughput (env-steps/s), device {jax.devices()[0].platform}, "
-             f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
-             f"median of {runs} runs",
-             "",
-             "| env | batch | turns | jitted steps/s | twin steps/s | jitted / twin |",
-             "|---|---:|---:|---:|---:|---:|"]
+    title = "Env throughput (env-steps/s): jit(vmap(step)) vs plain-Python twin"
+    notes = [machine_note(),
+             f"median of {runs} runs; jitted: one call = lax.scan over E episodes x lax.scan over "
+             f"T turns of vmap(step) on B envs (E = ceil({args.steps_per_call} / T), "
+             f"pre-generated actions, all TimeSteps output, blocked on); twin: Python loop over "
+             f"the same B x E x T steps; CPU ratio = twin / jitted process CPU seconds"]
+    header = ["env", "batch", "turns T", "episodes E", "jitted steps/s", "twin steps/s",
+              "jitted / twin", "CPU ratio"]
+    lines = [title, *[f"  {n}" for n in notes], "",
+             "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     print("\n".join(lines), flush=True)
+    rows = []
     for name, twin_cls in twins.items():
         env = envs.make(name)
-        states, acts, lengths = oracle_trajectory(env, max(batches))
+        _, _, lengths = oracle_trajectory(env, 256, seed=1)
         T = max(1, int(np.median(lengths)))
+        E = episodes_per_call(T, args.steps_per_call)
+        states, acts, _ = oracle_trajectory(env, E * max(batches))
         for B in batches:
-            j = time_jitted(env, states, acts, B, T, runs)
-            tw = time_twin(env, twin_cls, states, acts, B, T, runs)
-            line = f"| {name} | {B} | {T} | {j:,.0f} | {tw:,.0f} | {j / tw:,.1f}x |"
+            s0, a = batch_inputs(states, acts, B, E, T)
+            t = time_side_by_side(env, twin_cls, s0, a, runs)
+            (jw, jc), (tw, tc) = t["jitted"], t["twin"]
+            n = B * E * T
+            row = [name, B, T, E, f"{n / jw:,.0f}", f"{n / tw:,.0f}", f"{tw / jw:,.1f}x",
+                   f"{tc / jc:,.1f}x"]
+            rows.append(row)
+            line = "| " + " | ".join(str(c) for c in row) + " |"
             lines.append(line)
             print(line, flush=True)
+    append_markdown(args.out, title, header, rows, notes)
     return "\n".join(lines)
 
 

@@ -66,3 +66,28 @@ class Env:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(obs_len={self.obs_len}, action_len={self.action_len}, "
                 f"max_turns={self.max_turns})")
+
+
+def finish_step(env: Env, state: Any, *, terminated, observation, reward, info: dict[str, Any],
+                idle_info: dict[str, Any], **updates) -> tuple[Any, TimeStep]:
+    """The shared end of a task's ``step``: turn counter, end flags and the done no-op.
+
+    ``turn' = turn + 1``; ``truncated = ~terminated & (turn' >= env.max_turns)``;
+    ``done' = terminated | truncated``; the new state is ``state.replace(turn', done',
+    terminated, truncated, **updates)`` and the time step ``TimeStep(observation, reward
+    (float32), terminated, truncated, info)``. A state that is already done is a no-op: it is
+    returned unchanged with the observation ``<obs>``, reward 0, its own end flags and
+    ``idle_info``. (Every leaf is chosen with ``where``, so the function is vmap-safe.)
+    """
+    from envs import vocab
+    from envs.wrappers import tree_select      # here: envs.wrappers imports this module
+
+    turn = state.turn + 1
+    terminated = jnp.asarray(terminated, bool)
+    truncated = ~terminated & (turn >= env.max_turns)
+    new = state.replace(turn=turn, done=terminated | truncated, terminated=terminated,
+                        truncated=truncated, **updates)
+    ts = TimeStep(observation, jnp.asarray(reward).astype(jnp.float32), terminated, truncated, info)
+    idle_obs = jnp.full((env.obs_len,), vocab.PAD, jnp.int32).at[0].set(vocab.OBS)
+    idle = TimeStep(idle_obs, jnp.float32(0.0), state.terminated, state.truncated, idle_info)
+    return tree_select(state.done, (state, idle), (new, ts))

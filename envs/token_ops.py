@@ -65,6 +65,86 @@ def take2(table, i, j, fill=0) -> jax.Array:
     return jnp.where(inside, picked, jnp.asarray(fill, table.dtype))
 
 
+def materialize(*values):
+    """Identity on a few small arrays that makes XLA compute them once (a fusion boundary).
+
+    XLA:CPU fuses cheap elementwise producers into *every* consumer, recomputing them: under
+    ``vmap`` a parse read by a dozen outputs (state leaves, reward, info) is parsed a dozen
+    times, and once per token by each row-shaped output such as the observation. A reduction
+    is never fused into its consumers, so the values are packed into one int32 vector ``v`` and
+    returned as ``max(v, INT32_MIN)`` (= ``v``) reduced over a stacked pair: one small kernel
+    that stores them, which the consumers then read. (``lax.optimization_barrier`` is dropped by
+    XLA:CPU before fusion.) Accepts bool, int32, uint32 and float32 arrays (floats and uint32
+    travel as their bit patterns); returns a tuple of the same shapes and dtypes.
+    """
+    arrs = [jnp.asarray(v) for v in values]
+    if not arrs:
+        return ()
+    packed = []
+    for i, a in enumerate(arrs):
+        if a.dtype == jnp.bool_:
+            packed.append(a.astype(jnp.int32).reshape(-1))
+        elif a.dtype == jnp.int32:
+            packed.append(a.reshape(-1))
+        elif a.dtype in (jnp.float32, jnp.uint32):
+            packed.append(jax.lax.bitcast_convert_type(a, jnp.int32).reshape(-1))
+        else:
+            raise ValueError(f"materialize: value {i} has dtype {a.dtype}; "
+                             f"expected bool, int32, uint32 or float32")
+    v = jnp.concatenate(packed)
+    lowest = jnp.full(v.shape, jnp.iinfo(jnp.int32).min, jnp.int32)
+    v = jnp.max(jnp.stack([v, lowest]), axis=0)
+    out, o = [], 0
+    for a in arrs:
+        part = v[o:o + a.size].reshape(a.shape)
+        o += a.size
+        if a.dtype == jnp.bool_:
+            out.append(part != 0)
+        elif a.dtype == jnp.int32:
+            out.append(part)
+        else:
+            out.append(jax.lax.bitcast_convert_type(part, a.dtype))
+    return tuple(out)
+
+
+def materialize_small(fields: Sequence[tuple], top=None) -> tuple:
+    """``materialize`` for several small values sharing work: all packed into ONE int32 lane.
+
+    Each lane of ``materialize`` is computed separately, so values that share an expensive
+    computation (e.g. the results of one parse) are cheapest stored together: ``fields`` is a
+    sequence of ``(value, bits)`` with ``value`` a bool or an int32 in ``[0, 2**bits)``, packed
+    from the lowest bits up; ``top`` (optional) is one signed int32 stored above them, so
+    ``|top|`` must stay below ``2**(31 - sum(bits))``. The ranges are the CALLER's static
+    guarantee (they are not checked on values). Returns the values (bools as bool, ints as
+    int32) in order, then ``top`` if given.
+    """
+    total = 0
+    packed = None
+    for i, (value, bits) in enumerate(fields):
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits < 1:
+            raise ValueError(f"materialize_small: bits of field {i} must be an int >= 1, got {bits!r}")
+        v = jnp.asarray(value)
+        term = v.astype(jnp.int32) << total if total else v.astype(jnp.int32)
+        packed = term if packed is None else packed | term
+        total += bits
+    if total > 31:
+        raise ValueError(f"materialize_small: fields need {total} bits, more than 31")
+    if top is not None:
+        t = _i32(top) << total
+        packed = t if packed is None else packed | t
+    if packed is None:
+        return ()
+    (p,) = materialize(packed)
+    out, o = [], 0
+    for value, bits in fields:
+        part = (p >> o) & ((1 << bits) - 1)
+        out.append(part == 1 if jnp.asarray(value).dtype == jnp.bool_ else part)
+        o += bits
+    if top is not None:
+        out.append(p >> total)                          # arithmetic shift: keeps the sign
+    return tuple(out)
+
+
 # --------------------------------------------------------------------------- classification
 
 def is_digit(tok) -> jax.Array:
@@ -133,6 +213,21 @@ def first_index(mask, default=None) -> jax.Array:
     return jnp.where(idx == n, d, idx).astype(jnp.int32)
 
 
+def _static_shift(row: jax.Array, start: int, size: int, fill) -> jax.Array:
+    """``out[i] = row[start + i]`` (``fill`` outside the row) for a static ``start``, built from
+    one slice and constant padding (no per-token stack: that lowers to a transposed layout
+    under vmap)."""
+    n = row.shape[0]
+    lo, hi = max(start, 0), min(start + size, n)
+    if lo >= hi:
+        return jnp.full((size,), fill, jnp.int32)
+    parts = [jnp.full((lo - start,), fill, jnp.int32)] if lo > start else []
+    parts.append(row[lo:hi].astype(jnp.int32))
+    if start + size > hi:
+        parts.append(jnp.full((start + size - hi,), fill, jnp.int32))
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
 def _window(row: jax.Array, start, size: int, fill: int = vocab.PAD) -> tuple[jax.Array, jax.Array]:
     """``row[start:start+size]`` with ``fill`` outside the row (no clamping of ``start``).
 
@@ -141,8 +236,7 @@ def _window(row: jax.Array, start, size: int, fill: int = vocab.PAD) -> tuple[ja
     n = row.shape[0]
     if isinstance(start, int):                          # static: slice and pad
         inside = jnp.asarray([0 <= start + i < n for i in range(size)])
-        vals = [row[start + i] if 0 <= start + i < n else jnp.int32(fill) for i in range(size)]
-        return jnp.stack(vals).astype(jnp.int32), inside
+        return _static_shift(row, start, size, fill), inside
     pos = _i32(start) + jnp.arange(size, dtype=jnp.int32)
     inside = (pos >= 0) & (pos < n)
     return take(row, pos, fill).astype(jnp.int32), inside
@@ -160,6 +254,11 @@ def parse_uint(tokens, start, max_digits: int) -> tuple[jax.Array, jax.Array, ja
     _check_digits("max_digits", max_digits)
     row = _check_row("tokens", tokens)
     win, _ = _window(row, start, max_digits + 1)
+    return _parse_digits(win, max_digits)
+
+
+def _parse_digits(win: jax.Array, max_digits: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``parse_uint`` on a window of ``max_digits + 1`` tokens that starts at the number."""
     dig = is_digit(win)
     # static unrolled scan over <= 10 positions (cheaper to compile and run than cumprod /
     # gathers): inside the run while every token so far is a digit; Horner for the value
@@ -182,11 +281,13 @@ def parse_int(tokens, start, max_digits: int) -> tuple[jax.Array, jax.Array, jax
     Returns ``(value, n_tokens, ok)`` where ``n_tokens`` counts the ``-`` too. ``-0`` parses
     as 0 (callers that need canonical text compare against ``int_to_tokens_var``).
     """
+    _check_digits("max_digits", max_digits)
     row = _check_row("tokens", tokens)
-    s = _i32(start)
-    first, _ = _window(row, s, 1)
-    neg = first[0] == vocab.MINUS
-    v, n, ok = parse_uint(row, s + neg.astype(jnp.int32), max_digits)
+    # one window from start (static slice, or a gather when start is traced), then the
+    # digits' window is it shifted by one where it begins with '-' (one select per token)
+    g, _ = _window(row, start, max_digits + 2)
+    neg = g[0] == vocab.MINUS
+    v, n, ok = _parse_digits(jnp.where(neg, g[1:], g[:-1]), max_digits)
     value = jnp.where(neg, -v, v).astype(jnp.int32)
     return value, (n + neg.astype(jnp.int32)).astype(jnp.int32), ok
 
@@ -212,15 +313,19 @@ def uint_to_tokens(x, n_digits: int) -> jax.Array:
     """
     _check_digits("n_digits", n_digits)
     x = jnp.clip(_i32(x), 0, 10 ** n_digits - 1)
-    pows = jnp.asarray([10 ** (n_digits - 1 - i) for i in range(n_digits)], jnp.int32)
-    return (vocab.DIGIT_0 + (x // pows) % 10).astype(jnp.int32)
+    # one constant divisor per position (multiply-shift); x >= 0 so truncation = floor
+    digits = [jax.lax.rem(jax.lax.div(x, jnp.int32(10 ** (n_digits - 1 - i))), jnp.int32(10))
+              for i in range(n_digits)]
+    return (vocab.DIGIT_0 + jnp.stack(digits, axis=-1)).astype(jnp.int32)
 
 
 def num_digits(x) -> jax.Array:
     """Number of decimal digits of ``|x|`` (1 for 0), int32, for |x| < 10**9."""
     a = jnp.abs(_i32(x))
-    thresholds = jnp.asarray([10 ** k for k in range(1, _MAX_UINT_DIGITS)], jnp.int32)
-    return (1 + jnp.sum(a[..., None] >= thresholds, axis=-1)).astype(jnp.int32)
+    n = jnp.ones(a.shape, jnp.int32)
+    for k in range(1, _MAX_UINT_DIGITS):               # unrolled: elementwise, no reduction
+        n = n + (a >= 10 ** k).astype(jnp.int32)
+    return n
 
 
 def uint_to_tokens_var(x, max_digits: int) -> tuple[jax.Array, jax.Array]:
@@ -228,18 +333,24 @@ def uint_to_tokens_var(x, max_digits: int) -> tuple[jax.Array, jax.Array]:
 
     Returns ``(tokens [max_digits] with <pad> after the digits, length)``. ``x`` is clipped
     into ``[0, 10**max_digits - 1]``.
+
+    With n = num_digits(x) and y = x * 10**(max_digits - n) (the digits shifted to the top),
+    position i shows ``(y // 10**(max_digits - 1 - i)) % 10``: only divisions by constants
+    (multiply-shift), never by a per-element divisor.
     """
     _check_digits("max_digits", max_digits)
-    x = jnp.clip(_i32(x), 0, 10 ** max_digits - 1)
+    D = max_digits
+    x = jnp.clip(_i32(x), 0, 10 ** D - 1)
     n = num_digits(x)
-    idx = jnp.arange(max_digits, dtype=jnp.int32)
-    k = n - 1 - idx                                     # decimal place shown at position idx
-    pow10 = jnp.zeros((max_digits,), jnp.int32)
-    for e in range(max_digits):                         # static where-chain: 10 ** k
-        pow10 = jnp.where(k == e, 10 ** e, pow10)
-    digits = vocab.DIGIT_0 + (x // jnp.maximum(pow10, 1)) % 10
-    toks = jnp.where(idx < n, digits, vocab.PAD)
-    return toks.astype(jnp.int32), n
+    scale = jnp.ones(x.shape, jnp.int32)
+    for e in range(1, D):                               # static where-chain: 10 ** (D - n)
+        scale = jnp.where(n == D - e, 10 ** e, scale)
+    y = x * scale                                       # < 10**D <= 10**9: no overflow
+    y, n = materialize(y, n)                            # counted once, not once per token
+    toks = [jnp.where(i < n, vocab.DIGIT_0 + jax.lax.rem(jax.lax.div(y, jnp.int32(10 ** (D - 1 - i))),
+                                                         jnp.int32(10)), vocab.PAD)
+            for i in range(D)]
+    return jnp.stack(toks, axis=-1).astype(jnp.int32), n
 
 
 def int_to_tokens_var(x, max_digits: int) -> tuple[jax.Array, jax.Array]:
@@ -273,11 +384,20 @@ def write_at(row, start, seq, length=None) -> jax.Array:
         if lo >= hi:
             return row
         return row.at[lo:hi].set(seq[lo - start:hi - start])
-    rel = jnp.arange(row.shape[0], dtype=jnp.int32) - _i32(start)      # [R]
-    # one-hot placement (gather-free; cheap for these short rows): hot[j, i] = seq[i] -> row[j]
-    hot = (rel[:, None] == jnp.arange(L, dtype=jnp.int32)[None, :]) & (rel[:, None] < n)
-    vals = jnp.sum(jnp.where(hot, seq[None, :], 0), axis=1, dtype=jnp.int32)
-    return jnp.where(jnp.any(hot, axis=1), vals, row).astype(jnp.int32)
+    R = row.shape[0]
+    if isinstance(start, int):                          # static start, traced length
+        # out[j] = seq[j - start] where 0 <= j - start < n: a static shift, one select each
+        rel = jnp.arange(R, dtype=jnp.int32) - start
+        vals = _static_shift(seq, -start, R, 0)
+        hit = (rel >= 0) & (rel < n)
+        return jnp.where(hit, vals, row).astype(jnp.int32)
+    rel = jnp.arange(R, dtype=jnp.int32) - _i32(start)  # [R]
+    # select chain over the L source positions (elementwise: no scatter, gather or
+    # reduction, so it fuses into its consumer under vmap)
+    out = row
+    for i in range(L):
+        out = jnp.where((rel == i) & (i < n), seq[i], out)
+    return out.astype(jnp.int32)
 
 
 def pack_left(tokens, keep) -> jax.Array:
@@ -287,11 +407,19 @@ def pack_left(tokens, keep) -> jax.Array:
     if k.shape != t.shape:
         raise ValueError(f"keep must have the shape of tokens {t.shape}, got {k.shape}")
     n = t.shape[0]
-    dest = jnp.where(k, jnp.cumsum(k.astype(jnp.int32)) - 1, n)   # n = dropped
-    # out[j] = the token whose destination is j (at most one), PAD (= 0) if none
-    hot = dest[None, :] == jnp.arange(n, dtype=jnp.int32)[:, None]
-    out = jnp.sum(jnp.where(hot, t[None, :], 0), axis=1, dtype=jnp.int32)
-    return jnp.where(jnp.any(hot, axis=1), out, vocab.PAD).astype(jnp.int32)
+    # destination of token i = the number of kept tokens before it, as an unrolled running
+    # count (a cumsum lowers to reduce-window, slow on short rows under vmap); then out[j] =
+    # the token whose destination is j (at most one), <pad> if none, as a select chain
+    count = jnp.int32(0)
+    dest = []
+    for i in range(n):
+        dest.append(jnp.where(k[i], count, -1))
+        count = count + k[i].astype(jnp.int32)
+    pos = jnp.arange(n, dtype=jnp.int32)
+    out = jnp.full((n,), vocab.PAD, jnp.int32)
+    for i in range(n):
+        out = jnp.where(pos == dest[i], t[i], out)
+    return out.astype(jnp.int32)
 
 
 def make_row(parts: Sequence[Piece], length: int) -> jax.Array:

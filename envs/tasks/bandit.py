@@ -40,8 +40,7 @@ import numpy as np
 from flax import struct
 
 from envs import token_ops, vocab
-from envs.base import Env, TimeStep
-from envs.wrappers import tree_select
+from envs.base import Env, TimeStep, finish_step
 
 _BANDIT_WORD = [vocab.TOKEN_TO_ID[c] for c in "bandit"]
 
@@ -118,22 +117,17 @@ class BanditEnv(Env):
         step_regret = jnp.where(fmt_ok, self.p_best - state.probs[arm], self.p_best)
         counts = state.counts + (fmt_ok & (jnp.arange(self.n_arms) == arm)).astype(jnp.int32)
         regret = state.regret + step_regret
-        turn = state.turn + 1
-        truncated = turn >= self.max_turns
+        last_turn = state.turn + 1 >= self.max_turns        # the episode ends by truncation
         others = jnp.where(jnp.arange(self.n_arms) == state.best, -1, counts)
-        success = truncated & (counts[state.best] > others.max())
+        success = last_turn & (counts[state.best] > others.max())
         reward = jnp.where(fmt_ok, payoff.astype(jnp.float32), -self.format_penalty)
         obs = jnp.where(fmt_ok, token_ops.make_row([vocab.OBS, token_ops.digit_token(arm), vocab.EQUALS,
                                                     token_ops.digit_token(payoff)], self.obs_len),
                         token_ops.make_row([vocab.OBS, vocab.ERR], self.obs_len))
-        new_state = state.replace(turn=turn, done=truncated, truncated=truncated, counts=counts,
-                                  regret=regret.astype(jnp.float32))
-        ts = TimeStep(observation=obs, reward=reward.astype(jnp.float32), terminated=jnp.bool_(False),
-                      truncated=truncated, info=self._info(success, ~fmt_ok, regret, step_regret))
-        noop_ts = TimeStep(observation=token_ops.make_row([vocab.OBS], self.obs_len), reward=jnp.float32(0.0),
-                           terminated=state.terminated, truncated=state.truncated,
-                           info=self._info(False, False, state.regret, 0.0))
-        return tree_select(state.done, state, new_state), tree_select(state.done, noop_ts, ts)
+        return finish_step(self, state, terminated=False, observation=obs, reward=reward,
+                           info=self._info(success, ~fmt_ok, regret, step_regret),
+                           idle_info=self._info(False, False, state.regret, 0.0),
+                           counts=counts, regret=regret.astype(jnp.float32))
 
     def oracle_action(self, state: BanditState, key: jax.Array) -> jax.Array:
         """Pull the best arm (the oracle knows the probabilities)."""

@@ -40,8 +40,7 @@ from flax import struct
 
 from envs import token_ops as T
 from envs import vocab
-from envs.base import Env, TimeStep
-from envs.wrappers import tree_select
+from envs.base import Env, TimeStep, finish_step
 
 OP_CHARS = "+-*"
 OP_TOKENS = (vocab.PLUS, vocab.MINUS, vocab.TIMES)
@@ -207,18 +206,30 @@ class CalculatorEnv(Env):
         x = jnp.asarray(action).astype(jnp.int32).reshape(-1)
         if x.shape[0] != self.action_len:
             raise ValueError(f"action must have {self.action_len} tokens, got shape {x.shape}")
+        # two stages, each stored once per env in one packed lane (T.materialize_small) instead
+        # of re-parsed by every consumer: the first number, then the operator and second number
+        D, AD, L = self.operand_digits, self.answer_digits, self.action_len
         length = T.action_length(x)
-        a, na, ok_a = T.parse_int(x, 1, self.operand_digits)
+        a, na, ok_a = T.parse_int(x, 1, D)
+        if AD == D:
+            v, nv, ok_v = a, na, ok_a
+        else:
+            v, nv, ok_v = T.parse_int(x, 1, AD)
+            (v,) = T.materialize(v)
+        answer = (x[0] == vocab.ANSWER) & ok_v & (length == 1 + nv)
+        head_calc = (x[0] == vocab.CALC) & ok_a
+        # na <= D + 2, length <= L; |a| < 10**D <= 10**4 (checked in __init__)
+        na, length, head_calc, answer, a = T.materialize_small(
+            [(na, (D + 2).bit_length()), (length, L.bit_length()), (head_calc, 1), (answer, 1)], top=a)
         op_tok = T.take(x, 1 + na)
         op = jnp.where(op_tok == vocab.PLUS, 0,
                        jnp.where(op_tok == vocab.MINUS, 1, jnp.where(op_tok == vocab.TIMES, 2, -1)))
-        b, nb, ok_b = T.parse_int(x, 2 + na, self.operand_digits)
-        calc = (x[0] == vocab.CALC) & ok_a & (op >= 0) & ok_b & (length == 2 + na + nb)
-        v, nv, ok_v = T.parse_int(x, 1, self.answer_digits)
-        answer = (x[0] == vocab.ANSWER) & ok_v & (length == 1 + nv)
+        b, nb, ok_b = T.parse_int(x, 2 + na, D)
+        calc = head_calc & (op >= 0) & ok_b & (length == 2 + na + nb)
         kind = jnp.where(calc, 1, jnp.where(answer, 2, 0)).astype(jnp.int32)
-        first = jnp.where(answer, v, a).astype(jnp.int32)
-        return kind, first, op.astype(jnp.int32), b
+        kind, op1, b = T.materialize_small([(kind, 2), (op + 1, 2)], top=b)
+        first = jnp.where(kind == 2, v, a).astype(jnp.int32)
+        return kind, first, op1 - 1, b
 
     def step(self, state: CalculatorState, action):
         kind, a, op, b = self.parse(action)
@@ -230,26 +241,19 @@ class CalculatorEnv(Env):
                                   | (commutative & (a == right) & (b == left)))
         progress = state.progress + (calc & matches & (state.progress < self.n_ops)).astype(jnp.int32)
         correct = answer & (a == state.values[self.n_ops])
-
+        # the observation: <obs> then <result> V / <yes> / <no> / <err>
         r_tok, r_n = T.int_to_tokens_var(result, self.result_digits)
-        calc_row = T.make_row([vocab.OBS, vocab.RESULT, (r_tok, r_n)], self.obs_len)
-        ans_row = T.make_row([vocab.OBS, jnp.where(correct, vocab.YES, vocab.NO)], self.obs_len)
-        err_row = T.make_row([vocab.OBS, vocab.ERR], self.obs_len)
-        obs = jnp.where(calc, calc_row, jnp.where(answer, ans_row, err_row))
+        tag = jnp.where(calc, vocab.RESULT, jnp.where(answer, jnp.where(correct, vocab.YES, vocab.NO),
+                                                      vocab.ERR))
+        obs = T.make_row([vocab.OBS, tag, (r_tok, jnp.where(calc, r_n, 0))], self.obs_len)
         reward = jnp.where(fmt_err, -self.format_penalty,
                            jnp.where(calc, -self.call_cost,
                                      jnp.where(correct, 1.0, self.wrong_answer_reward)))
-        reward = reward.astype(jnp.float32)
-        turn = state.turn + 1
-        terminated = answer
-        truncated = ~terminated & (turn >= self.max_turns)
         nc = state.n_calls + calc.astype(jnp.int32)
-        new = state.replace(turn=turn, done=terminated | truncated, terminated=terminated,
-                            truncated=truncated, progress=progress, n_calls=nc)
-        ts = TimeStep(obs, reward, terminated, truncated, self._info(correct, fmt_err, nc, progress))
-        idle = TimeStep(T.make_row([vocab.OBS], self.obs_len), jnp.float32(0.0), state.terminated,
-                        state.truncated, self._info(False, False, state.n_calls, state.progress))
-        return tree_select(state.done, (state, idle), (new, ts))
+        return finish_step(self, state, terminated=answer, observation=obs, reward=reward,
+                           info=self._info(correct, fmt_err, nc, progress),
+                           idle_info=self._info(False, False, state.n_calls, state.progress),
+                           progress=progress, n_calls=nc)
 
     def oracle_action(self, state: CalculatorState, key=None):
         left, op, right = self.pending(state, state.progress)

@@ -41,8 +41,7 @@ from flax import struct
 
 from envs import token_ops as T
 from envs import vocab
-from envs.base import Env, TimeStep
-from envs.wrappers import tree_select
+from envs.base import Env, TimeStep, finish_step
 
 _WORD = [vocab.TOKEN_TO_ID[c] for c in "guess"]
 
@@ -142,18 +141,11 @@ class GuessNumberEnv(Env):
                                      jnp.where(correct, 1.0, 0.0))).astype(jnp.float32)
         hi = jnp.where(question & less, jnp.minimum(state.hi, k), state.hi)
         lo = jnp.where(question & ~less, jnp.maximum(state.lo, k), state.lo)
-        turn = state.turn + 1
-        terminated = answer
-        truncated = ~terminated & (turn >= self.max_turns)
         nq = state.n_questions + question.astype(jnp.int32)
-        new = state.replace(turn=turn, done=terminated | truncated, terminated=terminated,
-                            truncated=truncated, lo=lo.astype(jnp.int32), hi=hi.astype(jnp.int32),
-                            n_questions=nq)
-        ts = TimeStep(self._obs(tok), reward, terminated, truncated,
-                      self._info(correct, fmt_err, nq))
-        idle = TimeStep(self._obs(vocab.PAD), jnp.float32(0.0), state.terminated, state.truncated,
-                        self._info(False, False, state.n_questions))
-        return tree_select(state.done, (state, idle), (new, ts))
+        return finish_step(self, state, terminated=answer, observation=self._obs(tok), reward=reward,
+                           info=self._info(correct, fmt_err, nq),
+                           idle_info=self._info(False, False, state.n_questions),
+                           lo=lo.astype(jnp.int32), hi=hi.astype(jnp.int32), n_questions=nq)
 
     def oracle_action(self, state: GuessNumberState, key=None):
         mid = (state.lo + state.hi) // 2

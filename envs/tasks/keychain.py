@@ -44,8 +44,7 @@ import numpy as np
 from flax import struct
 
 from envs import token_ops, vocab
-from envs.base import Env, TimeStep
-from envs.wrappers import tree_select
+from envs.base import Env, TimeStep, finish_step
 
 N_LETTERS = 26
 _KEYCHAIN_WORD = [vocab.TOKEN_TO_ID[c] for c in "keychain"]
@@ -173,21 +172,14 @@ class KeychainEnv(Env):
         idx = jnp.argmax(hit)
         correct = is_answer & jnp.all(digits == state.value)
         progress = jnp.where(found, jnp.maximum(state.progress, idx + 1), state.progress).astype(jnp.int32)
-        terminated = is_answer
-        turn = state.turn + 1
-        truncated = ~terminated & (turn >= self.max_turns)
         reward = jnp.where(~fmt_ok, -self.format_penalty, jnp.where(correct, 1.0, 0.0))
         obs = jnp.where(found, state.records[idx], token_ops.make_row([vocab.OBS, vocab.NO], self.obs_len))
         obs = jnp.where(correct, token_ops.make_row([vocab.OBS, vocab.YES], self.obs_len), obs)
         obs = jnp.where(fmt_ok, obs, token_ops.make_row([vocab.OBS, vocab.ERR], self.obs_len))
-        new_state = state.replace(turn=turn, done=terminated | truncated, terminated=terminated,
-                                  truncated=truncated, progress=progress)
-        ts = TimeStep(observation=obs, reward=reward.astype(jnp.float32), terminated=terminated,
-                      truncated=truncated, info=self._info(correct, ~fmt_ok, progress, found))
-        noop_ts = TimeStep(observation=token_ops.make_row([vocab.OBS], self.obs_len), reward=jnp.float32(0.0),
-                           terminated=state.terminated, truncated=state.truncated,
-                           info=self._info(False, False, state.progress, False))
-        return tree_select(state.done, state, new_state), tree_select(state.done, noop_ts, ts)
+        return finish_step(self, state, terminated=is_answer, observation=obs, reward=reward,
+                           info=self._info(correct, ~fmt_ok, progress, found),
+                           idle_info=self._info(False, False, state.progress, False),
+                           progress=progress)
 
     def oracle_action(self, state: KeychainState, key: jax.Array) -> jax.Array:
         """``<search> k_progress`` until the goal record is revealed, then ``<answer> value``."""

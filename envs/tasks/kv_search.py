@@ -42,8 +42,7 @@ from flax import struct
 
 from envs import token_ops as T
 from envs import vocab
-from envs.base import Env, TimeStep
-from envs.wrappers import tree_select
+from envs.base import Env, TimeStep, finish_step
 
 N_CODES = 26 * 10  # entity codes: letter * 10 + digit
 
@@ -182,46 +181,51 @@ class KvSearchEnv(Env):
         return kind, code, T.letter_index(a[3])
 
     def step(self, state: KvSearchState, action):
+        # values read by many outputs are computed once per env, in one packed int32 (see
+        # T.materialize_small): kind 0..2, code = letter * 10 + digit in [-11, 259], letter in [-1, 25]
         kind, code, rel_letter = self.parse(action)
+        kind, code, rel_letter = T.materialize_small([(kind, 2), (code + 11, 9), (rel_letter + 1, 5)])
+        code, rel_letter = code - 11, rel_letter - 1
         search, answer, fmt_err = kind == 1, kind == 2, kind == 0
-        ent_match = state.ent_codes == code
-        ent_known = jnp.any(ent_match)
-        ent = jnp.argmax(ent_match).astype(jnp.int32)
-        rel_match = state.rel_letters == rel_letter
-        rel_known = jnp.any(rel_match)
-        rel = jnp.argmax(rel_match).astype(jnp.int32)
-        obj = jnp.where(ent_known & rel_known, T.take2(state.table, ent, rel, -1), -1)
-        found = obj >= 0
+        # index of the first matching entity / relation (argmax of the match; 0 if none), as a
+        # min-reduction: cheaper than argmax's (value, index) reduction
+        ent = T.first_index(state.ent_codes == code)
+        rel = T.first_index(state.rel_letters == rel_letter)
+        ent_known, rel_known = ent < self.n_entities, rel < self.n_relations
+        ent = jnp.where(ent_known, ent, 0)
+        rel = jnp.where(rel_known, rel, 0)
         t = jnp.clip(state.turn, 0, self.max_turns - 1)
-        flip = T.take(state.noise_flip, t) & found
-        shown = jnp.where(flip, (obj + T.take(state.noise_obj, t)) % self.n_entities, obj)
-        # chain bookkeeping for the oracle: the next link found with a clean result
         h = jnp.clip(state.hop, 0, self.hops - 1)
-        next_link = (ent_known & rel_known & (ent == T.take(state.chain, h))
-                     & (rel == T.take(state.chain_rels, h))
-                     & (state.hop < self.hops))
+        # the gathers, once: the fact's object, this turn's noise, the next chain link
+        ne = self.n_entities.bit_length()           # obj + 1 in [0, n_entities], offset < n_entities
+        obj, flip, offset, link, last = T.materialize_small([
+            (jnp.where(ent_known & rel_known, T.take2(state.table, ent, rel, -1), -1) + 1, ne),
+            (T.take(state.noise_flip, t), 1), (T.take(state.noise_obj, t), ne),
+            ((ent == T.take(state.chain, h)) & (rel == T.take(state.chain_rels, h)), 1),
+            (ent == state.chain[self.hops], 1)])
+        obj = obj - 1
+        found = obj >= 0
+        flip = flip & found
+        shown = jnp.where(flip, (obj + offset) % self.n_entities, obj)
+        # chain bookkeeping for the oracle: the next link found with a clean result
+        next_link = ent_known & rel_known & link & (state.hop < self.hops)
         hop = state.hop + (search & next_link & ~flip).astype(jnp.int32)
-        correct = answer & ent_known & (ent == state.chain[self.hops])
-
-        res_row = T.make_row([vocab.OBS, vocab.RESULT, self.entity_tokens(state, shown)], self.obs_len)
-        no_row = T.make_row([vocab.OBS, vocab.RESULT, vocab.NO], self.obs_len)
-        search_row = jnp.where(found, res_row, no_row)
-        ans_row = T.make_row([vocab.OBS, jnp.where(correct, vocab.YES, vocab.NO)], self.obs_len)
-        err_row = T.make_row([vocab.OBS, vocab.ERR], self.obs_len)
-        obs = jnp.where(search, search_row, jnp.where(answer, ans_row, err_row))
+        correct = answer & ent_known & last
+        # <obs> <result> l d | <obs> <result> <no> | <obs> <yes>/<no> | <obs> <err>, from
+        # three tokens stored once per env
+        e_tok = self.entity_tokens(state, shown)
+        tok1 = jnp.where(search, vocab.RESULT,
+                         jnp.where(answer, jnp.where(correct, vocab.YES, vocab.NO), vocab.ERR))
+        tok2 = jnp.where(search, jnp.where(found, e_tok[0], vocab.NO), vocab.PAD)
+        tok3 = jnp.where(search & found, e_tok[1], vocab.PAD)
+        obs = T.make_row([vocab.OBS, jnp.stack([tok1, tok2, tok3])], self.obs_len)
         reward = jnp.where(fmt_err, -self.format_penalty,
-                           jnp.where(search, -self.search_cost,
-                                     jnp.where(correct, 1.0, 0.0))).astype(jnp.float32)
-        turn = state.turn + 1
-        terminated = answer
-        truncated = ~terminated & (turn >= self.max_turns)
+                           jnp.where(search, -self.search_cost, jnp.where(correct, 1.0, 0.0)))
         ns = state.n_searches + search.astype(jnp.int32)
-        new = state.replace(turn=turn, done=terminated | truncated, terminated=terminated,
-                            truncated=truncated, hop=hop, n_searches=ns)
-        ts = TimeStep(obs, reward, terminated, truncated, self._info(correct, fmt_err, ns, hop))
-        idle = TimeStep(T.make_row([vocab.OBS], self.obs_len), jnp.float32(0.0), state.terminated,
-                        state.truncated, self._info(False, False, state.n_searches, state.hop))
-        return tree_select(state.done, (state, idle), (new, ts))
+        return finish_step(self, state, terminated=answer, observation=obs, reward=reward,
+                           info=self._info(correct, fmt_err, ns, hop),
+                           idle_info=self._info(False, False, state.n_searches, state.hop),
+                           hop=hop, n_searches=ns)
 
     def oracle_action(self, state: KvSearchState, key=None):
         h = jnp.clip(state.hop, 0, self.hops - 1)

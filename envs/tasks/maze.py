@@ -50,8 +50,7 @@ import numpy as np
 from flax import struct
 
 from envs import token_ops, vocab
-from envs.base import Env, TimeStep
-from envs.wrappers import tree_select
+from envs.base import Env, TimeStep, finish_step
 
 # Direction order used everywhere (actions, wall letters, oracle): n, e, s, w.
 DIR_LETTERS = ("n", "e", "s", "w")
@@ -238,41 +237,69 @@ class MazeEnv(Env):
                       info=self._info(False, False, False, dist[start[0], start[1]]))
         return state, ts
 
+    def _blocked_at(self, walls, r, c):
+        """bool [4]: the neighbour of (r, c) in direction n, e, s, w is a wall or off the grid
+        (= ``_blocked``, written as four clipped gathers for scalar r, c)."""
+        out = []
+        for dr, dc in DIR_DELTAS.tolist():
+            rr, cc = r + dr, c + dc
+            inside = (rr >= 0) & (rr < self.size) & (cc >= 0) & (cc < self.size)
+            out.append(~inside | token_ops.take2(walls, rr, cc, True))
+        return jnp.stack(out)
+
     def step(self, state: MazeState, action: jax.Array) -> tuple[MazeState, TimeStep]:
         action = jnp.asarray(action).astype(jnp.int32).reshape(-1)
         if action.shape[0] != self.action_len:
             raise ValueError(f"action must have {self.action_len} tokens, got shape {action.shape}")
-        length = token_ops.action_length(action)
-        match = action[0] == jnp.asarray(DIR_TOKENS)
-        fmt_ok = (length == 1) & match.any()
-        d = jnp.argmax(match)
-        blocked = self._blocked(state.walls, state.pos)[d]
-        illegal = fmt_ok & blocked
+        # Two stages, each computed once per env and stored in one packed int32
+        # (token_ops.materialize_small) for the dozen outputs that read them.
+        # 1. the move: d = index of action[0] among n, e, s, w (0 if none, as argmax), the
+        #    target cell, whether it is blocked (a wall or off the grid) and the new position
+        a0 = action[0]
+        d = jnp.int32(0)
+        for i in reversed(range(4)):
+            d = jnp.where(a0 == int(DIR_TOKENS[i]), i, d)
+        is_dir = (a0 == int(DIR_TOKENS[0])) | (a0 == int(DIR_TOKENS[1])) | \
+                 (a0 == int(DIR_TOKENS[2])) | (a0 == int(DIR_TOKENS[3]))
+        fmt_ok = (token_ops.action_length(action) == 1) & is_dir
+        r = state.pos[0] + jnp.where(d == 0, -1, jnp.where(d == 2, 1, 0))
+        c = state.pos[1] + jnp.where(d == 1, 1, jnp.where(d == 3, -1, 0))
+        inside = (r >= 0) & (r < self.size) & (c >= 0) & (c < self.size)
+        blocked = ~inside | token_ops.take2(state.walls, r, c, True)
         moved = fmt_ok & ~blocked
-        new_pos = jnp.where(moved, state.pos + jnp.asarray(DIR_DELTAS)[d], state.pos)
-        at_goal = moved & jnp.all(new_pos == state.goal)
+        coord = (self.size - 1).bit_length()
+        fmt_ok, illegal, new_r, new_c = token_ops.materialize_small(
+            [(fmt_ok, 1), (fmt_ok & blocked, 1), (jnp.where(moved, r, state.pos[0]), coord),
+             (jnp.where(moved, c, state.pos[1]), coord)])
+        new_pos = jnp.stack([new_r, new_c])
+        # 2. what the info and observation read at the new position: the distance to the goal,
+        #    whether it is the goal, and the wall letters (none at the goal) left-packed, as
+        #    codes 1..4 for n, e, s, w (0: none); see _observation for the packed row
+        at_goal = fmt_ok & ~illegal & (new_r == state.goal[0]) & (new_c == state.goal[1])
+        walls_nesw = self._blocked_at(state.walls, new_r, new_c) & ~at_goal
+        codes = token_ops.pack_left(jnp.arange(1, 5, dtype=jnp.int32), walls_nesw)
+        at_goal, distance, *codes = token_ops.materialize_small(
+            [(at_goal, 1), (token_ops.take2(state.dist, new_r, new_c), (self.size ** 2).bit_length())]
+            + [(codes[k], 3) for k in range(4)])
+        letters = token_ops.take(jnp.asarray([vocab.PAD] + DIR_TOKENS.tolist(), jnp.int32),
+                                 jnp.stack(codes))
+        # the observation (_observation: pack_left of <obs> <no>? <goal>? r , c n? e? s? w?,
+        # padded) in closed form: at most one of <no> (bumped) / <goal> (at_goal) is shown
+        tail = [vocab.DIGIT_0 + new_r, vocab.COMMA, vocab.DIGIT_0 + new_c, letters]
+        flag = jnp.where(illegal, vocab.NO, vocab.GOAL)
+        with_flag = token_ops.make_row([vocab.OBS, flag] + tail, self.obs_len)
+        without = token_ops.make_row([vocab.OBS] + tail, self.obs_len)
+        obs = jnp.where(fmt_ok, jnp.where(illegal | at_goal, with_flag, without),
+                        token_ops.make_row([vocab.OBS, vocab.ERR], self.obs_len))
         n_illegal = state.n_illegal + illegal.astype(jnp.int32)
         failed = illegal & (self.max_illegal > 0) & (n_illegal >= self.max_illegal)
-        terminated = at_goal | failed
-        turn = state.turn + 1
-        truncated = ~terminated & (turn >= self.max_turns)
         reward = jnp.where(~fmt_ok, -self.format_penalty,
                            jnp.where(at_goal, 1.0, jnp.where(illegal, -self.illegal_penalty, -self.step_cost)))
-        obs = jnp.where(fmt_ok, self._observation(state.walls, new_pos, illegal, at_goal),
-                        token_ops.make_row([vocab.OBS, vocab.ERR], self.obs_len))
-        new_state = state.replace(turn=turn, done=terminated | truncated, terminated=terminated,
-                                  truncated=truncated, pos=new_pos, n_illegal=n_illegal)
-        ts = TimeStep(observation=obs, reward=reward.astype(jnp.float32), terminated=terminated,
-                      truncated=truncated,
-                      info=self._info(at_goal, ~fmt_ok, illegal, state.dist[new_pos[0], new_pos[1]]))
-        # a done state is a no-op
-        done = state.done
-        noop_ts = TimeStep(observation=token_ops.make_row([vocab.OBS], self.obs_len),
-                           reward=jnp.float32(0.0), terminated=state.terminated, truncated=state.truncated,
-                           info=self._info(False, False, False, state.dist[state.pos[0], state.pos[1]]))
-        out_state = tree_select(done, state, new_state)
-        out_ts = tree_select(done, noop_ts, ts)
-        return out_state, out_ts
+        return finish_step(self, state, terminated=at_goal | failed, observation=obs, reward=reward,
+                           info=self._info(at_goal, ~fmt_ok, illegal, distance),
+                           idle_info=self._info(False, False, False,
+                                                token_ops.take2(state.dist, state.pos[0], state.pos[1])),
+                           pos=new_pos, n_illegal=n_illegal)
 
     def oracle_action(self, state: MazeState, key: jax.Array) -> jax.Array:
         """Move to a neighbour one step closer to the goal (BFS field); random tie-break."""

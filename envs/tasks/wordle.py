@@ -36,8 +36,7 @@ import numpy as np
 from flax import struct
 
 from envs import token_ops, vocab
-from envs.base import Env, TimeStep
-from envs.wrappers import tree_select
+from envs.base import Env, TimeStep, finish_step
 
 GREEN, YELLOW, GRAY = 2, 1, 0
 FEEDBACK_TOKENS = np.array([vocab.MINUS, vocab.QUESTION, vocab.PLUS], np.int32)  # indexed by code
@@ -141,22 +140,14 @@ class WordleEnv(Env):
         all_fb = jax.vmap(wordle_feedback, in_axes=(None, 0))(guess, jnp.asarray(self._all_words))
         consistent = jnp.all(all_fb == fb[None, :], axis=1)
         candidates = jnp.where(fmt_ok, state.candidates & consistent, state.candidates)
-        turn = state.turn + 1
-        terminated = solved
-        truncated = ~terminated & (turn >= self.max_turns)
         reward = jnp.where(~fmt_ok, -self.format_penalty, jnp.where(solved, 1.0, -self.turn_cost))
         good_obs = token_ops.make_row([vocab.OBS, jnp.asarray(FEEDBACK_TOKENS)[fb]], self.obs_len)
         obs = jnp.where(fmt_ok, good_obs, token_ops.make_row([vocab.OBS, vocab.ERR], self.obs_len))
-        new_state = state.replace(turn=turn, done=terminated | truncated, terminated=terminated,
-                                  truncated=truncated, candidates=candidates)
-        ts = TimeStep(observation=obs, reward=reward.astype(jnp.float32), terminated=terminated,
-                      truncated=truncated,
-                      info=self._info(solved, ~fmt_ok, candidates.sum(),
-                                      jnp.where(fmt_ok, jnp.sum(fb == GREEN), 0)))
-        noop_ts = TimeStep(observation=token_ops.make_row([vocab.OBS], self.obs_len), reward=jnp.float32(0.0),
-                           terminated=state.terminated, truncated=state.truncated,
-                           info=self._info(False, False, state.candidates.sum(), 0))
-        return tree_select(state.done, state, new_state), tree_select(state.done, noop_ts, ts)
+        return finish_step(self, state, terminated=solved, observation=obs, reward=reward,
+                           info=self._info(solved, ~fmt_ok, candidates.sum(),
+                                           jnp.where(fmt_ok, jnp.sum(fb == GREEN), 0)),
+                           idle_info=self._info(False, False, state.candidates.sum(), 0),
+                           candidates=candidates)
 
     def oracle_action(self, state: WordleState, key: jax.Array) -> jax.Array:
         """Guess a uniformly random word consistent with all feedback so far."""

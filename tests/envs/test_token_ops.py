@@ -218,3 +218,93 @@ def test_take_and_take2():
             assert int(jax.jit(T.take2)(mat, i, j, -1)) == want
     with pytest.raises(ValueError, match="2-D"):
         T.take2(arr, 0, 0)
+
+
+def ref_parse_int(a, start, max_digits):
+    neg = 0 <= start < len(a) and a[start] == vocab.MINUS
+    v, n, ok = ref_parse_uint(a, start + neg, max_digits)
+    return (-v if neg else v), n + neg, ok
+
+
+@pytest.mark.parametrize("max_digits", [1, 3, 4])
+def test_parse_int_random_static_and_traced_start(max_digits):
+    rows = random_rows(300, 9)
+    minus = RNG.random(rows.shape) < 0.2
+    rows[minus] = vocab.MINUS
+    starts = RNG.integers(-2, 11, len(rows)).astype(np.int32)
+    traced = jax.jit(jax.vmap(lambda r, s: T.parse_int(r, s, max_digits)))(rows, starts)
+    static = {s: jax.jit(jax.vmap(lambda r, s=s: T.parse_int(r, s, max_digits)))(rows)
+              for s in (0, 1, 7, 9)}
+    for i, row in enumerate(rows):
+        got = tuple(int(x[i]) for x in traced)
+        assert got == tuple(int(x) for x in ref_parse_int(row, int(starts[i]), max_digits)), row
+        for s, out in static.items():
+            assert tuple(int(x[i]) for x in out) == \
+                tuple(int(x) for x in ref_parse_int(row, s, max_digits)), (row, s)
+
+
+def test_write_at_static_start_traced_length():
+    L, S = 9, 5
+    for start in (-3, 0, 2, 6, 9):
+        f = jax.jit(lambda row, seq, n, start=start: T.write_at(row, start, seq, n))
+        for _ in range(40):
+            row = RNG.integers(0, 64, L).astype(np.int32)
+            seq = RNG.integers(0, 64, S).astype(np.int32)
+            length = int(RNG.integers(-1, S + 2))
+            ref = row.copy()
+            for j in range(max(0, min(length, S))):
+                if 0 <= start + j < L:
+                    ref[start + j] = seq[j]
+            assert np.array_equal(np.asarray(f(row, seq, np.int32(length))), ref), (start, length)
+
+
+def test_materialize_is_identity_for_every_dtype():
+    b = RNG.random((6, 3)) < 0.5
+    i = RNG.integers(-2 ** 31, 2 ** 31, (6, 4), dtype=np.int64).astype(np.int32)
+    i[0, :2] = [np.iinfo(np.int32).min, np.iinfo(np.int32).max]
+    u = RNG.integers(0, 2 ** 32, (6, 2), dtype=np.uint64).astype(np.uint32)
+    f = RNG.standard_normal((6, 5)).astype(np.float32)
+    f[0, :4] = [np.nan, -0.0, np.inf, -np.inf]
+    s = np.arange(6, dtype=np.int32)                      # 0-d values under vmap
+    out = jax.jit(jax.vmap(T.materialize))(b, i, u, f, s)
+    for want, got in zip((b, i, u, f, s), out):
+        got = np.asarray(got)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8))   # bit-exact (NaN, -0.0)
+    assert T.materialize() == ()
+    with pytest.raises(ValueError, match="dtype"):
+        T.materialize(np.zeros(2, np.float64).astype(np.float16))
+
+
+def test_materialize_small_round_trip_against_reference():
+    n = 500
+    widths = [1, 3, 5, 9]
+    fields = [RNG.random(n) < 0.5] + [RNG.integers(0, 2 ** w, n).astype(np.int32) for w in widths[1:]]
+    lo_bits = sum(widths)
+    tops = RNG.integers(-(2 ** (31 - lo_bits)) + 1, 2 ** (31 - lo_bits), n).astype(np.int32)
+    tops[:2] = [-(2 ** (31 - lo_bits)) + 1, 2 ** (31 - lo_bits) - 1]
+
+    def f(*xs):
+        *fs, top = xs
+        return T.materialize_small(list(zip(fs, widths)), top=top)
+    out = jax.jit(jax.vmap(f))(*fields, tops)
+    # reference: NumPy shift-and-mask packing of the same layout, then unpacking
+    packed = tops.astype(np.int64) << lo_bits
+    o = 0
+    for x, w in zip(fields, widths):
+        packed |= x.astype(np.int64) << o
+        o += w
+    for k, (x, w) in enumerate(zip(fields, widths)):
+        o = sum(widths[:k])
+        ref = (packed >> o) & ((1 << w) - 1)
+        assert np.array_equal(np.asarray(out[k]).astype(np.int64), ref)
+        assert np.array_equal(np.asarray(out[k]), x)
+    assert np.asarray(out[0]).dtype == bool and np.asarray(out[1]).dtype == np.int32
+    assert np.array_equal(np.asarray(out[-1]), tops)
+    # no top / only a top
+    assert [bool(v) for v in T.materialize_small([(jnp.bool_(True), 1), (jnp.bool_(False), 1)])] == [True, False]
+    assert int(T.materialize_small([], top=jnp.int32(-7))[0]) == -7
+    with pytest.raises(ValueError, match="31"):
+        T.materialize_small([(1, 20), (1, 12)])
+    with pytest.raises(ValueError, match="bits"):
+        T.materialize_small([(1, 0)])

@@ -1,0 +1,52 @@
+"""benchmarks.env_throughput: tiny smoke run, input layout, and argument checks."""
+import jax
+import numpy as np
+import pytest
+
+import envs
+from benchmarks import env_throughput as B
+
+
+def test_batch_inputs_layout_matches_trajectory():
+    env = envs.make("kv_search")
+    states, acts, lengths = B.oracle_trajectory(env, 6)
+    assert lengths.shape == (6,) and (lengths >= 1).all() and (lengths <= env.max_turns).all()
+    s0, a = B.batch_inputs(states, acts, 3, 2, 2)
+    assert a.shape == (2, 2, 3, env.action_len)
+    # episode e * B + i is slot (e, i); its turn t action is a[e, t, i]
+    assert np.array_equal(a[1, 1, 2], acts[1 * 3 + 2, 1])
+    assert np.array_equal(s0.turn, np.zeros((2, 3), np.int32))
+    assert np.array_equal(np.asarray(s0.chain)[1, 0], np.asarray(states.chain)[3, 0])
+    assert B.episodes_per_call(3, 32) == 11 and B.episodes_per_call(40, 32) == 1
+
+
+def test_rollout_runs_the_same_steps_as_the_env():
+    env = envs.make("calculator")
+    states, acts, _ = B.oracle_trajectory(env, 4)
+    s0, a = B.batch_inputs(states, acts, 2, 2, 3)
+    ts = jax.device_get(B.make_rollout(env)(s0, a))
+    assert ts.observation.shape == (2, 3, 2, env.obs_len)
+    for e in range(2):
+        for i in range(2):
+            s = jax.tree_util.tree_map(lambda x: x[e, i], s0)
+            for t in range(3):
+                s, want = env.step(s, a[e, t, i])
+                assert np.array_equal(ts.observation[e, t, i], np.asarray(want.observation))
+                assert ts.reward[e, t, i] == float(want.reward)
+
+
+def test_quick_table(capsys):
+    out = B.main(["--envs", "maze", "--batches", "2", "--runs", "3", "--steps-per-call", "4"])
+    rows = [l for l in out.splitlines() if l.startswith("| maze")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[1] == "2" and cells[6].endswith("x") and float(cells[4].replace(",", "")) > 0
+    assert "lax.scan over E episodes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,match", [(["--runs", "2"], "runs"), (["--batches", "0"], "batches"),
+                                        (["--envs", "nope"], "no twin"),
+                                        (["--steps-per-call", "0"], "steps-per-call")])
+def test_bad_arguments_raise(argv, match):
+    with pytest.raises(ValueError, match=match):
+        B.main(argv)
