@@ -20,7 +20,10 @@ uses its whole token budget; generated tokens are nevertheless *counted* from th
 (``loss_mask.sum()``), and a warning is printed if the count is not ``B·K·action_len``.
 
 Timing: the jitted rollout is compiled and run once, then timed ``--runs`` times (≥ 3, fresh
-key each run, result blocked on); the median is reported. Printed per case::
+key each run, result blocked on); the median is reported. The process CPU time of the timed runs
+is recorded too: on a loaded machine the multi/single ratio of CPU seconds per token is steadier
+than that of wall time. ``--kv-block w`` sets ``models.kv_cache.KV_BLOCK`` for the backend
+(cache attention over the smallest multiple of w covering the filled prefix; 0: whole cache). Printed per case::
 
     rollout <single|multi> B=<B>: <N> generated tok/s, <M> total tok/s, <F>% of matmul peak
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -50,6 +54,7 @@ from flax import struct
 import models
 from benchmarks import common
 from envs import vocab
+from models import kv_cache
 from envs.base import Env, TimeStep
 from rl_agents.rollout import model_policy, run_episodes
 from rl_agents.sampling import SamplingConfig, sample_tokens
@@ -162,13 +167,16 @@ def measure_case(kind: str, env: Env, model, params, cfg, batch: int, runs: int,
     key = jax.random.PRNGKey(1)
     common.block(fn(params, key))                               # compile + first run
     trajs = []
+    keys = common.block([jax.random.fold_in(key, i + 1) for i in range(runs)])  # outside timing
 
     def one(i):
-        traj = fn(params, jax.random.fold_in(key, i + 1))
+        traj = fn(params, keys[i])
         trajs.append(traj)
         return traj
 
+    cpu0 = time.process_time()
     t = common.median(common.time_calls(one, runs))
+    cpu_s = (time.process_time() - cpu0) / runs
     gen = [int(tr.loss_mask.sum()) for tr in trajs]
     lengths = [np.asarray(tr.valid.sum(-1)) for tr in trajs]
     expected = batch * env.max_turns * env.action_len
@@ -178,8 +186,9 @@ def measure_case(kind: str, env: Env, model, params, cfg, batch: int, runs: int,
     n_gen = common.median(gen)
     n_total = common.median([float(x.sum()) for x in lengths])
     flops = common.median([common.forward_flops(cfg, n_mm, x) for x in lengths])
-    return dict(kind=kind, batch=batch, seconds=t, gen_tps=n_gen / t, total_tps=n_total / t,
-                pct_peak=100.0 * flops / t / peak, flops=flops, gen=n_gen, total=n_total)
+    return dict(kind=kind, batch=batch, seconds=t, cpu_seconds=cpu_s, gen=n_gen, total=n_total,
+                gen_tps=n_gen / t, total_tps=n_total / t,
+                pct_peak=100.0 * flops / t / peak, flops=flops)
 
 
 def format_line(r: dict[str, Any]) -> str:
@@ -272,6 +281,11 @@ def format_profile(kind: str, batch: int, p: dict[str, float]) -> str:
 
 
 # ---------------------------------------------------------------------------------- main
+def cpu_ratio(m: dict[str, Any], s: dict[str, Any], tokens: str) -> float:
+    """(CPU seconds per token of case m) / (that of case s); tokens = "gen" or "total"."""
+    return (m["cpu_seconds"] / m[tokens]) / (s["cpu_seconds"] / s[tokens])
+
+
 def main(argv=None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model and shapes (smoke test)")
@@ -283,13 +297,29 @@ def main(argv=None) -> list[dict[str, Any]]:
                     help="model compute dtype (params stay float32)")
     ap.add_argument("--profile", action="store_true",
                     help="also print a decode / sample / env / prefill breakdown per case")
+    ap.add_argument("--kv-block", type=int, default=None,
+                    help="cache-length bucket width of decode / prefill attention for this "
+                         "backend (models.kv_cache.KV_BLOCK; 0: whole cache; default: as set)")
     ap.add_argument("--out", default=None, help="append a markdown table to this file")
     args = ap.parse_args(argv)
     if args.runs < 3:
         ap.error(f"--runs={args.runs}: need at least 3 timed runs for a median")
+    if args.batches is not None and any(b < 1 for b in args.batches):
+        ap.error(f"--batches={args.batches}: batch sizes must be >= 1")
+    if args.kv_block is not None and args.kv_block < 0:
+        ap.error(f"--kv-block={args.kv_block} must be >= 0")
+    saved_blocks = dict(kv_cache.KV_BLOCK)
+    if args.kv_block is not None:
+        kv_cache.KV_BLOCK[jax.default_backend()] = args.kv_block
+    try:
+        return _run(args)
+    finally:
+        kv_cache.KV_BLOCK.clear()
+        kv_cache.KV_BLOCK.update(saved_blocks)
+
+
+def _run(args) -> list[dict[str, Any]]:
     batches = args.batches if args.batches is not None else ([2] if args.quick else [1, 64, 256])
-    if any(b < 1 for b in batches):
-        ap.error(f"--batches={batches}: batch sizes must be >= 1")
 
     cfg = quick_model(dtype=args.dtype) if args.quick else bench_small(dtype=args.dtype)
     model = NoEosPolicyModel(cfg)
@@ -321,13 +351,16 @@ def main(argv=None) -> list[dict[str, Any]]:
         if ("single", b) in by and ("multi", b) in by:
             s, m = by[("single", b)], by[("multi", b)]
             print(f"rollout multi/single B={b}: {s['total_tps'] / m['total_tps']:.2f}x time per "
-                  f"total token, {s['gen_tps'] / m['gen_tps']:.2f}x time per generated token",
-                  flush=True)
+                  f"total token, {s['gen_tps'] / m['gen_tps']:.2f}x time per generated token; "
+                  f"process CPU time: {cpu_ratio(m, s, 'total'):.2f}x per total token, "
+                  f"{cpu_ratio(m, s, 'gen'):.2f}x per generated token", flush=True)
 
     notes = [f"matmul peak {peak / 1e9:.1f} GFLOP/s at start (float32 {n_peak}²); re-measured "
              "before each case (column 'peak') and used for that case's %",
              f"model: {cfg.n_layers}L d{cfg.d_model} h{cfg.n_heads}/{cfg.n_kv_heads} "
              f"dh{cfg.head_dim} ff{cfg.d_ff} V{cfg.vocab_size} {args.dtype}; {n_mm} matmul params",
+             f"cache attention bucket width (models.kv_cache.KV_BLOCK) on {jax.default_backend()}: "
+             f"{kv_cache.default_kv_block()}",
              common.machine_note(),
              "timings vary with machine load (load avg above): compare rows of one run"]
     rows = [[r["kind"], r["batch"], f"{r['gen_tps']:.0f}", f"{r['total_tps']:.0f}",

@@ -8,12 +8,12 @@ from models.sharding import (LOGICAL_AXIS_RULES, logical_param_specs, mesh_param
                              param_shardings, shard_params)
 from models.transformer import (PolicyModel, RewardModel, Trunk, ValueModel, count_params,
                                 init_params, init_reward_from_policy, init_value_from_policy,
-                                stack_layer_params, unstack_layer_params)
+                                policy_hidden, stack_layer_params, unstack_layer_params)
 
 __all__ = [
     "ModelConfig", "PolicyModel", "ValueModel", "RewardModel", "Trunk", "KVCache", "init_cache",
     "prefill", "decode_step", "init_params", "init_value_from_policy", "init_reward_from_policy",
-    "stack_layer_params", "unstack_layer_params", "count_params", "load_hf_checkpoint",
+    "policy_hidden", "stack_layer_params", "unstack_layer_params", "count_params", "load_hf_checkpoint",
     "save_hf_checkpoint", "LOGICAL_AXIS_RULES", "logical_param_specs", "mesh_param_specs",
     "param_shardings", "shard_params", "rope_frequencies", "apply_rope",
 ]

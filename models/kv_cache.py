@@ -6,6 +6,11 @@ written at slots [lengths_b, lengths_b + C) with RoPE positions lengths_b + aran
 attends to slots j <= lengths_b + i; then lengths_b += sum(valid_b). Shapes never change, so
 ``prefill`` / ``decode_step`` jit once and run inside ``lax.scan``. Writes past ``max_len`` are
 dropped (the caller sizes the cache; inside jit this cannot raise).
+
+Where ``KV_BLOCK`` names the backend (CPU: 64), a step's attention reads only the first
+``kv_len`` slots, kv_len the smallest of (block, 2·block, ..., max_len) >= max(lengths), picked
+by ``lax.switch`` among one traced call per bucket: cost follows the filled prefix, not max_len,
+with the same results (slots >= every row's length are masked anyway).
 """
 from __future__ import annotations
 
@@ -65,6 +70,49 @@ def write_chunk(cache: KVCache, k_chunk, v_chunk, valid=None) -> KVCache:
     return KVCache(k=k, v=v, lengths=cache.lengths + n)
 
 
+# Cache-length buckets: attention over a cache reads every slot of it, so a step attends over
+# only the first kv_len slots, kv_len = the smallest bucket >= max(lengths) (exact: later slots
+# are masked for every row). One traced model call per bucket, chosen by ``lax.switch``.
+# ``KV_BLOCK`` maps a backend to the bucket width (buckets block, 2·block, ..., max_len); a
+# backend not listed (or width 0) always attends over the whole cache.
+KV_BLOCK: dict[str, int] = {"cpu": 64}
+
+
+def kv_buckets(max_len: int, block: int) -> tuple[int, ...]:
+    """Static bucket sizes: multiples of ``block`` below ``max_len``, then ``max_len``
+    (``(max_len,)`` when block is 0 or >= max_len)."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+        raise ValueError(f"kv block={block!r} must be an int >= 0")
+    if block == 0 or block >= max_len:
+        return (max_len,)
+    return tuple(range(block, max_len, block)) + (max_len,)
+
+
+def default_kv_block() -> int:
+    """``KV_BLOCK`` for the default backend (0: no buckets)."""
+    return KV_BLOCK.get(jax.default_backend(), 0)
+
+
+def _apply(model, params, tokens, cache: KVCache, valid):
+    """model.apply on a chunk with the cache, attention over the bucket covering max(lengths);
+    the chunk's K/V are written to the cache here (``write=False`` in the model call)."""
+    buckets = kv_buckets(cache.max_len, default_kv_block())
+    if len(buckets) == 1:
+        out, (k_chunk, v_chunk) = model.apply({"params": params}, tokens, cache=cache,
+                                              valid=valid, write=False)
+        return out, write_chunk(cache, k_chunk, v_chunk, valid)
+    need = jnp.max(cache.lengths)
+    idx = jnp.minimum(jnp.searchsorted(jnp.asarray(buckets, jnp.int32), need, side="left"),
+                      len(buckets) - 1)
+    # branches return only the chunk's K/V (a full-cache output would be copied out of the
+    # conditional every step); the chunk is stored once, after the switch
+    branches = [lambda p, t, c, v, s=s: model.apply({"params": p}, t, cache=c, valid=v, kv_len=s,
+                                                    write=False)
+                for s in buckets]
+    out, (k_chunk, v_chunk) = jax.lax.switch(idx, branches, params, tokens, cache, valid)
+    return out, write_chunk(cache, k_chunk, v_chunk, valid)
+
+
 def prefill(model, params, tokens, cache: KVCache, valid=None):
     """Append a chunk: tokens int32 [B, C], valid bool [B, C] (a prefix of each row; default all
     True). Returns (out [B, C, ...], new cache); out is logits for PolicyModel, values for
@@ -75,7 +123,7 @@ def prefill(model, params, tokens, cache: KVCache, valid=None):
     if valid is not None and tuple(jnp.shape(valid)) != tuple(tokens.shape):
         raise ValueError(f"prefill: valid shape {tuple(jnp.shape(valid))} != tokens shape "
                          f"{tuple(tokens.shape)}")
-    return model.apply({"params": params}, tokens, cache=cache, valid=valid)
+    return _apply(model, params, tokens, cache, valid)
 
 
 def decode_step(model, params, token, cache: KVCache, valid=None):
@@ -87,6 +135,6 @@ def decode_step(model, params, token, cache: KVCache, valid=None):
     if valid is not None and tuple(jnp.shape(valid)) != tuple(token.shape):
         raise ValueError(f"decode_step: valid shape {tuple(jnp.shape(valid))} != token shape "
                          f"{tuple(token.shape)}")
-    out, cache = model.apply({"params": params}, token[:, None], cache=cache,
-                             valid=None if valid is None else valid[:, None])
+    out, cache = _apply(model, params, token[:, None], cache,
+                        None if valid is None else valid[:, None])
     return out[:, 0], cache

@@ -69,16 +69,20 @@ class Trunk(nn.Module):
         self.norm = RMSNorm(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
                             param_dtype=cfg.params_dtype)
 
-    def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None):
+    def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None,
+                 kv_len: int | None = None):
+        """``kv_len`` (static, with a cache): attend only over cache slots [0, kv_len) — exact
+        when every row's length <= kv_len (later slots are masked anyway)."""
         x = self.embed_tokens(tokens)
         lengths = None if cache is None else cache.lengths
+        s = None if cache is None else (cache.k.shape[2] if kv_len is None else kv_len)
         if self.cfg.scan_layers:
-            kv_in = None if cache is None else (cache.k, cache.v)
+            kv_in = None if cache is None else (cache.k[:, :, :s], cache.v[:, :, :s])
             x, new_kv = self.layers(x, kv_in, positions, segment_ids, lengths)
         else:
             ks, vs = [], []
             for i, layer in enumerate(self.layers):
-                lc = None if cache is None else (cache.k[i], cache.v[i])
+                lc = None if cache is None else (cache.k[i, :, :s], cache.v[i, :, :s])
                 x, kv = layer(x, lc, positions, segment_ids, lengths)
                 if kv is not None:
                     ks.append(kv[0])
@@ -121,7 +125,9 @@ def _prepare(cfg: ModelConfig, tokens, positions, segment_ids, cache, valid):
 
 
 class _Headed(nn.Module):
-    """Shared call logic: trunk → head; with a cache returns (out, new cache)."""
+    """Shared call logic: trunk → head; with a cache returns (out, new cache), or with
+    ``write=False`` (out, (k_chunk, v_chunk)) for the caller to store; ``kv_len`` (static) limits
+    the attention to cache slots [0, kv_len) (exact when kv_len >= max(cache.lengths))."""
     cfg: ModelConfig
 
     def head(self, trunk: Trunk, x):
@@ -129,13 +135,20 @@ class _Headed(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 valid=None):
+                 valid=None, kv_len: int | None = None, write: bool = True):
         tokens, positions, seg = _prepare(self.cfg, tokens, positions, segment_ids, cache, valid)
+        if kv_len is not None and (cache is None or isinstance(kv_len, bool)
+                                   or not isinstance(kv_len, int)
+                                   or not 1 <= kv_len <= cache.max_len):
+            raise ValueError(f"kv_len={kv_len!r} needs a cache and must be an int in "
+                             f"[1, max_len={None if cache is None else cache.max_len}]")
         trunk = Trunk(self.cfg, name="model")
-        x, new_kv = trunk(tokens, positions, seg, cache)
+        x, new_kv = trunk(tokens, positions, seg, cache, kv_len)
         out = self.head(trunk, x)
         if cache is None:
             return out
+        if not write:       # the caller stores the chunk: (out, (k_chunk, v_chunk) [L,B,C,Hkv,D])
+            return out, new_kv
         return out, write_chunk(cache, new_kv[0], new_kv[1], valid)
 
 
@@ -181,6 +194,35 @@ class RewardModel(nn.Module):
                   param_dtype=cfg.params_dtype, name="reward_head")(x)[..., 0]
         idx = last_token_index(tokens, None if segment_ids is None else seg, cfg.pad_id)
         return jnp.take_along_axis(r, idx[:, None], axis=1)[:, 0]
+
+
+def policy_hidden(model: nn.Module, params: dict, tokens, positions=None, segment_ids=None):
+    """The policy's final hidden states and its unembedding, so that
+    ``einsum("btd,dv->btv", hidden, unembed, preferred_element_type=float32)`` equals
+    ``model.apply({"params": params}, tokens, positions, segment_ids)`` (the float32 logits)
+    without ever building them (for chunked log-probs).
+
+    Returns ``(hidden [B,T,D] in cfg.dtype, unembed [D,V] in cfg.dtype)``: unembed is
+    ``lm_head/kernel``, or ``embed_tokens/embedding``ᵀ when ``cfg.tie_embeddings``. ``params``
+    are the plain (unboxed) PolicyModel params. Same argument checks as the model's call.
+    """
+    if not isinstance(model, PolicyModel):
+        raise ValueError(f"policy_hidden: model must be a PolicyModel, got {type(model).__name__}")
+    cfg = model.cfg
+    if not isinstance(params, dict) or "model" not in params:
+        raise ValueError(f"policy_hidden: params must be a PolicyModel params dict with a 'model' "
+                         f"(trunk) entry, got "
+                         f"{list(params) if isinstance(params, dict) else type(params).__name__}")
+    if cfg.tie_embeddings:
+        unembed = jnp.asarray(params["model"]["embed_tokens"]["embedding"]).T
+    else:
+        if "lm_head" not in params:
+            raise ValueError("policy_hidden: untied PolicyModel params lack 'lm_head' (was the "
+                             "config's tie_embeddings changed?)")
+        unembed = jnp.asarray(params["lm_head"]["kernel"])
+    tokens, positions, seg = _prepare(cfg, tokens, positions, segment_ids, None, None)
+    hidden, _ = Trunk(cfg).apply({"params": params["model"]}, tokens, positions, seg, None)
+    return hidden, unembed.astype(cfg.compute_dtype)
 
 
 # --------------------------------------------------------------------------- params helpers

@@ -311,3 +311,104 @@ def chunked_sequence_logprobs(hidden: jax.Array, unembed: jax.Array, tokens: jax
     lp = jax.lax.map(one_chunk, (h, tg))                         # [C,B,chunk]
     lp = lp.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :n]
     return jnp.concatenate([jnp.zeros((b, 1), jnp.float32), lp], axis=1)
+
+
+
+def _chunk_stats(hc, tc, w, temperature):
+    """One chunk: logits z = hc·w / temperature (float32) → (log p[target], entropy, lse)."""
+    z = jnp.einsum("bcd,dv->bcv", hc, w, preferred_element_type=jnp.float32) / temperature
+    lse = jax.nn.logsumexp(z, axis=-1)
+    logp_all = z - lse[..., None]
+    ent = -(jnp.exp(logp_all) * logp_all).sum(-1)
+    picked = jnp.take_along_axis(z, tc[..., None], axis=-1)[..., 0] - lse
+    return picked, ent, lse
+
+
+@jax.custom_vjp
+def _chunked_core(hs, w, tg, temperature):
+    """hs [C,B,c,D], w [D,V], tg int [C,B,c] → (logp, entropy) [C,B,c] per chunk."""
+    lp, ent, _ = jax.lax.map(lambda a: _chunk_stats(a[0], a[1], w, temperature), (hs, tg))
+    return lp, ent
+
+
+def _chunked_core_fwd(hs, w, tg, temperature):
+    lp, ent, lse = jax.lax.map(lambda a: _chunk_stats(a[0], a[1], w, temperature), (hs, tg))
+    return (lp, ent), (hs, w, tg, temperature, ent, lse)
+
+
+def _chunked_core_bwd(res, cot):
+    """Per chunk, recompute z and p = softmax(z); with g_lp, g_H the cotangents of log p[y] and
+    H = −Σ p log p:  ∂/∂z_v = g_lp·(1[v = y] − p_v) − g_H·p_v·(log p_v + H), divided by the
+    temperature; then dh = dz·wᵀ and dw += hᵀ·dz (float32 accumulator carried over chunks).
+    The temperature gets no gradient (it is a sampling constant)."""
+    hs, w, tg, temperature, ent, lse = res
+    g_lp, g_ent = cot
+    v = w.shape[1]
+
+    def step(dw, args):
+        hc, tc, e, l, glp, gh = args
+        z = jnp.einsum("bcd,dv->bcv", hc, w, preferred_element_type=jnp.float32) / temperature
+        logp_all = z - l[..., None]
+        p = jnp.exp(logp_all)
+        onehot = jnp.arange(v, dtype=jnp.int32) == tc[..., None]
+        dz = (jnp.where(onehot, glp[..., None], 0.0) - p * (glp[..., None]
+              + gh[..., None] * (logp_all + e[..., None]))) / temperature
+        dz = dz.astype(hc.dtype)
+        dh = jnp.einsum("bcv,dv->bcd", dz, w, preferred_element_type=jnp.float32).astype(hc.dtype)
+        dw = dw + jnp.einsum("bcd,bcv->dv", hc, dz, preferred_element_type=jnp.float32)
+        return dw, dh
+
+    dw, dh = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), (hs, tg, ent, lse, g_lp, g_ent))
+    return dh, dw.astype(w.dtype), None, jnp.zeros_like(temperature)
+
+
+_chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
+
+
+def chunked_logprobs_and_entropy(hidden: jax.Array, unembed: jax.Array, tokens: jax.Array,
+                                 temperature: float = 1.0, chunk: int = 128):
+    """Tempered next-token log-probs and entropies from hidden states, never building ``[B,T,V]``.
+
+    With logits ``z = (hidden @ unembed) / temperature`` (float32 accumulation), returns
+    ``(logp, entropy)``, both float32 ``[B,T]`` and aligned with ``tokens`` like
+    ``sequence_logprobs``: entry t = log softmax(z[:, t−1])[tokens[:, t]] and
+    H(softmax(z[:, t−1])) = −Σ_v p_v log p_v — the distribution that produced token t;
+    entry 0 = 0 for both. Equals ``sequence_logprobs(z, tokens)`` and the shifted
+    ``entropy_from_logits(z)``.
+
+    hidden ``[B,T,D]``, unembed ``[D,V]`` (``models.policy_hidden`` gives both), tokens ``[B,T]``.
+    A ``lax.map`` over T-chunks of ``chunk`` positions (the last one zero-padded) computes each
+    chunk's logits, log-prob, entropy and log-sum-exp; a custom VJP recomputes a chunk's logits
+    in the backward pass and forms their cotangent in closed form (see ``_chunked_core_bwd``), so
+    forward and backward hold O(B·chunk·V) logits plus the O(D·V) unembedding gradient, never
+    O(B·T·V). Differentiable in hidden and unembed (not in temperature).
+    """
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"chunk={chunk!r} must be a positive int")
+    if _number(temperature) and not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0")
+    if jnp.ndim(hidden) != 3 or jnp.shape(hidden)[:2] != jnp.shape(tokens):
+        raise ValueError(f"hidden {jnp.shape(hidden)} must be [B,T,D] with tokens "
+                         f"{jnp.shape(tokens)} = [B,T]")
+    if jnp.ndim(unembed) != 2 or jnp.shape(unembed)[0] != jnp.shape(hidden)[2]:
+        raise ValueError(f"unembed {jnp.shape(unembed)} must be [D={jnp.shape(hidden)[2]},V]")
+    b, t, d = hidden.shape
+    if t < 2:
+        zeros = jnp.zeros((b, t), jnp.float32)
+        return zeros, zeros
+    n = t - 1
+    chunk = min(chunk, n)
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    tg = jnp.pad(jnp.asarray(tokens, jnp.int32)[:, 1:], ((0, 0), (0, pad)))
+    h = h.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)          # [C,B,chunk,D]
+    tg = tg.reshape(b, n_chunks, chunk).swapaxes(0, 1)           # [C,B,chunk]
+    lp, ent = _chunked_core(h, unembed.astype(hidden.dtype), tg,
+                            jnp.asarray(temperature, jnp.float32))
+
+    def unchunk(x):
+        x = x.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :n]
+        return jnp.concatenate([jnp.zeros((b, 1), jnp.float32), x], axis=1)
+
+    return unchunk(lp), unchunk(ent)

@@ -262,10 +262,25 @@ class Trainer:
                        group_size=group_size, sampling=self.sampling, shard_rows=self._shard_rows)
 
     def _logprobs(self, policy_params, tokens, valid):
-        logits = self.policy.apply({"params": policy_params}, tokens,
-                                   segment_ids=valid.astype(jnp.int32))
+        """``(logp, entropy)``, float32 ``[B,T]`` aligned with ``tokens``: entry t is
+        log π(tokens[t] | tokens[<t]) and the entropy of that tempered distribution (logits /
+        temperature at position t−1); entry 0 = 0. With ``config.rl.logprob_chunk`` = c > 0 the
+        [B,T,V] logits are never built (``losses.chunked_logprobs_and_entropy`` over T-chunks of
+        c positions, rematerialised in the backward pass); c = 0 computes the full logits."""
         t = self.sampling.temperature
-        return losses.sequence_logprobs(logits / t, tokens), logits / t
+        seg = valid.astype(jnp.int32)
+        chunk = self.config.rl.get("logprob_chunk", 0)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise ValueError(f"config.rl.logprob_chunk={chunk!r} must be an int >= 0 "
+                             f"(0: full logits)")
+        if chunk > 0:
+            hidden, unembed = models.policy_hidden(self.policy, policy_params, tokens,
+                                                   segment_ids=seg)
+            return losses.chunked_logprobs_and_entropy(hidden, unembed, tokens, t, chunk)
+        logits = self.policy.apply({"params": policy_params}, tokens, segment_ids=seg) / t
+        ent = losses.entropy_from_logits(logits)
+        ent = jnp.concatenate([jnp.zeros_like(ent[:, :1]), ent[:, :-1]], axis=1)
+        return losses.sequence_logprobs(logits, tokens), ent
 
     def _reward_transform(self, state: TrainState, traj: Trajectory, row_weight):
         """``(traj, prm, metrics)``: with ``reward.source == "learned"`` the RM's episode score
@@ -327,7 +342,7 @@ class Trainer:
     # ---------------------------------------------------------------- loss + update
     def loss_fn(self, params, mb):
         rl = self.config.rl
-        logp, logits = self._logprobs(params["policy"], mb["tokens"], mb["valid"])
+        logp, ent = self._logprobs(params["policy"], mb["tokens"], mb["valid"])
         mask = mb["loss_mask"]
         pg, pg_metrics = losses.ppo_policy_loss(
             logp, mb["old_logp"], mb["advantages"], mask, eps_low=rl.eps_low,
@@ -335,9 +350,7 @@ class Trainer:
             agg=rl.agg, max_len=mb["tokens"].shape[1])
         total = pg
         metrics = {"loss/policy": pg, **{f"policy/{k}": v for k, v in pg_metrics.items()}}
-        # entropy of the distribution that produced token t lives at position t-1
-        ent = losses.entropy_from_logits(logits)
-        ent = jnp.concatenate([jnp.zeros_like(ent[:, :1]), ent[:, :-1]], axis=1)
+        # ent[:, t]: entropy of the distribution that produced token t (see _logprobs)
         ent_mean = losses.aggregate(ent, mask, "token-mean")
         metrics["policy/entropy"] = ent_mean
         if rl.entropy_coef > 0:

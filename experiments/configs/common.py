@@ -46,6 +46,7 @@ def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collec
         value_coef=0.5, value_clip=0.2,              # read when the algorithm has a critic
         oversample=2.0,                              # read by dynamic sampling (dapo)
         overlong_cache_len=0,                        # DAPO overlong penalty window in tokens (0: off)
+        logprob_chunk=128,                           # T-chunked log-probs (0: full [B,T,V] logits)
         advantage_kwargs=ml_collections.ConfigDict(),
     ))
     if algorithm == "ppo":
