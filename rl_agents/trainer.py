@@ -79,6 +79,10 @@ class Trainer:
         self.mesh = mesh
         self.env = make_env(config)
         self.algorithm = get_algorithm(config.rl.algorithm)
+        if type(self) is Trainer and self.algorithm.trainer != "default":
+            raise ValueError(f"config.rl.algorithm={config.rl.algorithm!r} needs the "
+                             f"{self.algorithm.trainer!r} trainer; build it with "
+                             f"rl_agents.summarization.make_trainer(config)")
         self.model_cfg = model_config(config, self.env)
         self.policy = models.PolicyModel(self.model_cfg)
         self.value_model = models.ValueModel(self.model_cfg) if self.algorithm.critic else None

@@ -286,3 +286,11 @@ def test_update_jitted_no_recompile_params_change_deterministic():
     o1, _ = trainer.update(other)
     assert _leaf_diff(p1, o1.params) > 0
     assert trainer.update._cache_size() == 1
+
+
+def test_plain_trainer_refuses_archer():
+    """``Trainer`` itself must not silently run turn-GAE PPO for ``rl.algorithm="archer"``."""
+    from benchmarks.learning import load_config
+    from rl_agents.trainer import Trainer
+    with pytest.raises(ValueError, match="archer"):
+        Trainer(load_config("maze", "archer"))
