@@ -380,24 +380,7 @@ class ArcherTrainer(Trainer):
     def actor_loss_fn(self, policy_params, mb):
         """PPO-clip on the turn advantages − entropy bonus (+ KL loss), as ``Trainer.loss_fn``
         without the value term (the critic is trained separately)."""
-        rl = self.config.rl
-        logp, ent = self._logprobs(policy_params, mb["tokens"], mb["valid"])
-        mask = mb["loss_mask"]
-        pg, pg_metrics = losses.ppo_policy_loss(
-            logp, mb["old_logp"], mb["advantages"], mask, eps_low=rl.eps_low,
-            eps_high=rl.eps_high, dual_clip=rl.dual_clip if rl.dual_clip > 0 else None,
-            agg=rl.agg, max_len=mb["tokens"].shape[1])
-        total = pg
-        metrics = {"loss/policy": pg, **{f"policy/{k}": v for k, v in pg_metrics.items()}}
-        ent_mean = losses.aggregate(ent, mask, "token-mean")
-        metrics["policy/entropy"] = ent_mean
-        if rl.entropy_coef > 0:
-            total = total - rl.entropy_coef * ent_mean
-        if "ref_logp" in mb:
-            kl = losses.kl_loss(logp, mb["ref_logp"], mask, rl.kl_kind, "token-mean")
-            metrics["policy/kl_ref"] = kl
-            if not rl.kl_in_reward:
-                total = total + rl.kl_coef * kl
+        total, metrics = self.policy_loss(policy_params, mb)
         metrics["loss"] = total
         return total, metrics
 

@@ -344,9 +344,10 @@ class Trainer:
         return batch
 
     # ---------------------------------------------------------------- loss + update
-    def loss_fn(self, params, mb):
+    def policy_loss(self, policy_params, mb):
+        """PPO-clip policy loss − entropy bonus (+ KL loss): ``(total, metrics)``."""
         rl = self.config.rl
-        logp, ent = self._logprobs(params["policy"], mb["tokens"], mb["valid"])
+        logp, ent = self._logprobs(policy_params, mb["tokens"], mb["valid"])
         mask = mb["loss_mask"]
         pg, pg_metrics = losses.ppo_policy_loss(
             logp, mb["old_logp"], mb["advantages"], mask, eps_low=rl.eps_low,
@@ -364,6 +365,13 @@ class Trainer:
             metrics["policy/kl_ref"] = kl
             if not rl.kl_in_reward:
                 total = total + rl.kl_coef * kl
+        return total, metrics
+
+    def loss_fn(self, params, mb):
+        """``policy_loss`` + value loss (with a critic)."""
+        rl = self.config.rl
+        total, metrics = self.policy_loss(params["policy"], mb)
+        mask = mb["loss_mask"]
         if self.value_model is not None:
             v = sequence_values(self.value_model, params["value"], mb["tokens"], mb["valid"])
             vl = losses.value_loss(v, mb["old_values"], mb["returns"], mask,
