@@ -115,6 +115,34 @@ def forward_flops(cfg, n_matmul_params: int, row_lengths) -> float:
     return float(2.0 * n_matmul_params * n.sum() + causal_attention_flops(cfg, n).sum())
 
 
+def matmuls_seconds(shapes: Sequence[tuple[int, int, int]], repeats: int, runs: int,
+                    dtype=jnp.float32) -> float:
+    """Median seconds per repeat of the matmuls ``[M, K] @ [K, N]`` for every (M, K, N) in
+    ``shapes``, alone, ``repeats`` times in one jitted ``lax.scan`` (per-call dispatch amortised;
+    the carry perturbs the inputs so nothing is hoisted, every output is summed into it so
+    nothing is dropped). A floor on the time any program spends on those matmuls here."""
+    if not shapes:
+        raise ValueError("matmuls_seconds: no shapes")
+    if any(min(s) < 1 for s in shapes):
+        raise ValueError(f"matmuls_seconds: dims must be >= 1, got {list(shapes)}")
+    key = jax.random.PRNGKey(3)
+    xs = [jax.random.normal(jax.random.fold_in(key, 2 * i), (m, k), dtype)
+          for i, (m, k, _) in enumerate(shapes)]
+    ws = [jax.random.normal(jax.random.fold_in(key, 2 * i + 1), (k, n), dtype)
+          for i, (_, k, n) in enumerate(shapes)]
+
+    @jax.jit
+    def run(xs, ws):
+        def body(c, _):
+            outs = [jnp.dot(x + c.astype(dtype), w, preferred_element_type=jnp.float32)
+                    for x, w in zip(xs, ws)]
+            return 1e-30 * sum(jnp.sum(o) for o in outs), None
+        return jax.lax.scan(body, jnp.zeros((), jnp.float32), None, length=repeats)[0]
+
+    block(run(xs, ws))
+    return median(time_calls(lambda i: run(xs, ws), runs)) / repeats
+
+
 def machine_note() -> str:
     """One line describing the host and its load (numbers on a shared machine vary)."""
     try:

@@ -210,8 +210,9 @@ def profile_case(kind: str, env: Env, model, params, cfg, batch: int, runs: int)
     prompt = jax.random.randint(key, (batch, o), 2, vocab.size, dtype=jnp.int32)
 
     @jax.jit
-    def filled_cache(params, prompt):
-        cache = models.init_cache(cfg, batch, max_len)
+    def filled_cache(params, prompt, cache):
+        # the empty cache is an argument, not built inside: a constant cache makes XLA
+        # constant-fold the masked attention over it (minutes of compile time at B=256)
         _, cache = models.prefill(model, params, prompt, cache)
         return cache
 
@@ -249,12 +250,12 @@ def profile_case(kind: str, env: Env, model, params, cfg, batch: int, runs: int)
         return jax.lax.scan(body, cache, None, length=k_turns)
 
     @jax.jit
-    def prompt_only(params, prompt):
-        cache = models.init_cache(cfg, batch, max_len)
+    def prompt_only(params, prompt, cache):
         return models.prefill(model, params, prompt, cache)
 
     rollout_fn = make_rollout_fn(env, model, sampling, batch)
-    cache = filled_cache(params, prompt)
+    cache = filled_cache(params, prompt, models.init_cache(cfg, batch, max_len))
+    empty = models.init_cache(cfg, batch, max_len)
     obs = jnp.roll(prompt, 1, axis=1)
     logits = jax.random.normal(key, (batch, cfg.vocab_size))
     parts = {
@@ -263,7 +264,7 @@ def profile_case(kind: str, env: Env, model, params, cfg, batch: int, runs: int)
         "sample": lambda i: sample_only(logits, jax.random.fold_in(key, i)),
         "env": lambda i: env_only(jax.random.fold_in(key, i)),
         "prefill_obs": lambda i: prefill_only(params, cache, obs),
-        "prefill_prompt": lambda i: prompt_only(params, prompt),
+        "prefill_prompt": lambda i: prompt_only(params, prompt, empty),
     }
     out = {}
     for name, f in parts.items():
@@ -271,6 +272,55 @@ def profile_case(kind: str, env: Env, model, params, cfg, batch: int, runs: int)
         out[name] = common.median(common.time_calls(f, runs))
     out["other"] = out["rollout"] - sum(v for k, v in out.items() if k != "rollout")
     return out
+
+
+def matmul_shapes(params, cfg) -> list[tuple[str, int, int]]:
+    """(name, K, N) of every matmul weight applied per token: the ``kernel`` leaves outside the
+    embedding table as [K, N] (``o_proj`` contracts its first two dims, the others their
+    first), plus the tied embedding as the output projection when ``cfg.tie_embeddings``;
+    norms and biases are skipped."""
+    out = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if names[-1] != "kernel" or any("embed_tokens" in n for n in names):
+            continue
+        n_in = 2 if "o_proj" in names else 1
+        k = int(np.prod(leaf.shape[:n_in]))
+        out.append(("/".join(names), k, int(np.prod(leaf.shape[n_in:]))))
+    if getattr(cfg, "tie_embeddings", False):
+        out.append(("embed_tokens (tied output projection)", cfg.d_model, cfg.vocab_size))
+    if not out:
+        raise ValueError("matmul_shapes: no kernel leaves found in params")
+    return out
+
+
+def roofline_case(kind: str, env: Env, params, cfg, batch: int, runs: int) -> dict[str, float]:
+    """Matmul-only ceiling of a rollout: the seconds its weight matmuls take alone at the
+    rollout's shapes (prompt prefill over B·obs_len rows, K·A decode steps over B rows, K−1
+    observation prefills over B·obs_len rows), and the generated tok/s that time would allow.
+    Attention, sampling, env steps and everything else are left out, so a rollout can only be
+    slower than this ceiling."""
+    shapes = matmul_shapes(params, cfg)
+    k_turns, a, o = env.max_turns, env.action_len, env.obs_len
+    t_decode = common.matmuls_seconds([(batch, k, n) for _, k, n in shapes],
+                                      max(k_turns * a, 16), runs, cfg.compute_dtype)
+    t_prefill = common.matmuls_seconds([(batch * o, k, n) for _, k, n in shapes],
+                                       max(k_turns, 16), runs, cfg.compute_dtype)
+    total = k_turns * t_prefill + k_turns * a * t_decode
+    flops_decode = 2.0 * batch * sum(k * n for _, k, n in shapes)
+    return dict(decode_step_s=t_decode, prefill_s=t_prefill, rollout_s=total,
+                ceiling_gen_tps=batch * k_turns * a / total,
+                decode_gflops=flops_decode / t_decode / 1e9,
+                prefill_gflops=flops_decode * o / t_prefill / 1e9)
+
+
+def format_roofline(kind: str, batch: int, r: dict[str, float], measured: dict[str, Any]) -> str:
+    return (f"roofline {kind} B={batch}: weight matmuls alone {r['rollout_s'] * 1e3:.1f} ms per "
+            f"rollout (decode step {r['decode_step_s'] * 1e3:.2f} ms at {r['decode_gflops']:.0f} "
+            f"GFLOP/s, prefill {r['prefill_s'] * 1e3:.2f} ms at {r['prefill_gflops']:.0f} GFLOP/s) "
+            f"-> ceiling {r['ceiling_gen_tps']:.0f} generated tok/s; measured "
+            f"{measured['gen_tps']:.0f} = {100 * measured['gen_tps'] / r['ceiling_gen_tps']:.0f}% "
+            f"of the ceiling")
 
 
 def format_profile(kind: str, batch: int, p: dict[str, float]) -> str:
@@ -297,6 +347,9 @@ def main(argv=None) -> list[dict[str, Any]]:
                     help="model compute dtype (params stay float32)")
     ap.add_argument("--profile", action="store_true",
                     help="also print a decode / sample / env / prefill breakdown per case")
+    ap.add_argument("--roofline", action="store_true",
+                    help="also time the rollout's weight matmuls alone at its shapes: a "
+                         "matmul-only ceiling on generated tok/s")
     ap.add_argument("--kv-block", type=int, default=None,
                     help="cache-length bucket width of decode / prefill attention for this "
                          "backend (models.kv_cache.KV_BLOCK; 0: whole cache; default: as set)")
@@ -332,7 +385,7 @@ def _run(args) -> list[dict[str, Any]]:
           f"{common.machine_note()}", flush=True)
 
     envs_ = case_envs(args.quick)
-    results, profiles = [], []
+    results, profiles, roofs = [], [], []
     for kind in args.cases:
         env = envs_[kind]
         for b in batches:
@@ -346,6 +399,10 @@ def _run(args) -> list[dict[str, Any]]:
                 p = profile_case(kind, env, model, params, cfg, b, args.runs)
                 profiles.append((kind, b, p))
                 print(format_profile(kind, b, p), flush=True)
+            if args.roofline:
+                rf = roofline_case(kind, env, params, cfg, b, max(args.runs, 5))
+                roofs.append((kind, b, rf, r))
+                print(format_roofline(kind, b, rf, r), flush=True)
     by = {(r["kind"], r["batch"]): r for r in results}
     for b in batches:
         if ("single", b) in by and ("multi", b) in by:
@@ -375,6 +432,16 @@ def _run(args) -> list[dict[str, Any]]:
                 for k, b, p in profiles]
         common.append_markdown(args.out, "rollout profile (ms per rollout)",
                                ["case", "B", "rollout"] + keys, prow)
+    if roofs:
+        rrow = [[k, b, f"{rf['decode_step_s'] * 1e3:.2f}", f"{rf['decode_gflops']:.0f}",
+                 f"{rf['prefill_s'] * 1e3:.2f}", f"{rf['prefill_gflops']:.0f}",
+                 f"{rf['ceiling_gen_tps']:.0f}", f"{r['gen_tps']:.0f}",
+                 f"{100 * r['gen_tps'] / rf['ceiling_gen_tps']:.0f}%"] for k, b, rf, r in roofs]
+        common.append_markdown(args.out, "rollout matmul-only ceiling (weight matmuls alone at "
+                               "the rollout's shapes)",
+                               ["case", "B", "decode-step matmuls ms", "GFLOP/s",
+                                "obs/prompt prefill matmuls ms", "GFLOP/s",
+                                "ceiling generated tok/s", "measured", "measured / ceiling"], rrow)
     return results
 
 

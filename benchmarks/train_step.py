@@ -112,6 +112,22 @@ def make_step(policy, value_model, optimizer, kl_coef: float = 0.05, value_coef:
     return step
 
 
+def roofline(params, cfg, tokens: int, step_s: float, peak: float, runs: int) -> dict:
+    """Time every weight matmul of the step alone: per weight [K, N] of policy and value, the
+    forward ``[BT, K]@[K, N]``, the input gradient ``[BT, N]@[N, K]`` and the weight gradient
+    ``[K, BT]@[BT, N]`` (``benchmarks.common.matmuls_seconds``). Returns their seconds, their
+    FLOP/s and the MFU the step would have if it took only that time."""
+    from benchmarks.rollout_throughput import matmul_shapes
+    shapes = matmul_shapes(params["policy"], cfg) + matmul_shapes(params["value"], cfg)
+    triples = []
+    for _, k, n in shapes:
+        triples += [(tokens, k, n), (tokens, n, k), (k, tokens, n)]
+    t = common.matmuls_seconds(triples, 1, runs, cfg.compute_dtype)
+    mm_flops = 2.0 * sum(m * k * n for m, k, n in triples)
+    return dict(matmul_s=t, matmul_gflops=mm_flops / t / 1e9,
+                mfu_ceiling=100.0 * mm_flops / t / peak)
+
+
 def step_flops(cfg, n_mm_total: int, batch: int, seq_len: int, n_models: int = 2) -> float:
     """6·N·B·T + 3·(forward causal attention of ``n_models`` trunks)."""
     attn = float(common.causal_attention_flops(cfg, seq_len)) * batch * n_models
@@ -186,6 +202,9 @@ def main(argv=None) -> dict[str, Any]:
                     help="print train-step compile seconds at --depths layers, scan_layers off/on")
     ap.add_argument("--depths", type=int, nargs="+", default=[4, 32],
                     help="layer counts for --compile-depth (default 4 32)")
+    ap.add_argument("--roofline", action="store_true",
+                    help="also time the step's weight matmuls alone (forward, input and weight "
+                         "gradients at B·T rows): the share of the step they take")
     ap.add_argument("--out", default=None, help="append a markdown table to this file")
     args = ap.parse_args(argv)
     small = args.quick or args.compile_depth
@@ -251,6 +270,12 @@ def main(argv=None) -> dict[str, Any]:
           f"step {t:.3f} s, compile {compile_s:.1f} s, XLA temp {temp_mb:.0f} MiB; "
           f"{common.machine_note()}", flush=True)
     print(f"train_step: {r['tok_s']:.0f} tok/s, {r['mfu']:.1f}% MFU", flush=True)
+    if args.roofline:
+        r.update(roofline(params, cfg, tokens, t, peak, args.runs))
+        print(f"train_step roofline: weight matmuls alone {r['matmul_s']:.3f} s of the {t:.3f} s "
+              f"step ({100 * r['matmul_s'] / t:.0f}%), at {r['matmul_gflops']:.0f} GFLOP/s "
+              f"({100 * r['matmul_gflops'] * 1e9 / peak:.0f}% of peak) -> MFU ceiling "
+              f"{r['mfu_ceiling']:.1f}% if the step did nothing else", flush=True)
     common.append_markdown(
         args.out, "train step" + (" (quick)" if args.quick else ""),
         ["B", "T", "d_model", "layers", "dtype", "remat", "scan", "logprob chunk", "tok/s",

@@ -76,12 +76,17 @@ def test_flop_formulas_match_brute_force():
     assert step == pytest.approx(6 * 1000 * 21 + 3 * 2 * 3 * common.causal_attention_flops(cfg, 7))
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_matmul_params_counts_all_but_the_embedding_table(tie):
+def _tiny_policy(tie: bool):
+    """(config, abstract params) of a 2-layer d16 policy, embeddings tied or not."""
     cfg = models.ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1,
                              d_ff=24, max_seq_len=32, tie_embeddings=tie)
-    params = jax.eval_shape(lambda k: models.init_params(models.PolicyModel(cfg), k),
-                            jax.random.PRNGKey(0))
+    return cfg, jax.eval_shape(lambda k: models.init_params(models.PolicyModel(cfg), k),
+                               jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_matmul_params_counts_all_but_the_embedding_table(tie):
+    cfg, params = _tiny_policy(tie)
     d, f, h, kv, dh, v = 16, 24, 2, 1, 8, 64
     per_layer = d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * f + 2 * d
     expected = 2 * per_layer + d + d * v           # layers, final norm, lm_head (or tied table)
@@ -90,6 +95,48 @@ def test_matmul_params_counts_all_but_the_embedding_table(tie):
     assert common.matmul_params(params, cfg) == total - (0 if tie else v * d)
     with pytest.raises(ValueError, match="embed_tokens"):
         common.matmul_params({"w": jnp.zeros((3, 3))}, cfg)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_matmul_shapes_cover_every_weight_matmul(tie):
+    cfg, params = _tiny_policy(tie)
+    shapes = rollout_throughput.matmul_shapes(params, cfg)
+    # every per-token weight but the norm scales (2 per layer + the final norm, d each)
+    norms = (2 * cfg.n_layers + 1) * cfg.d_model
+    assert sum(k * n for _, k, n in shapes) == common.matmul_params(params, cfg) - norms
+    o = [(k, n) for name, k, n in shapes if "o_proj" in name]
+    assert o == [(cfg.n_heads * cfg.head_dim, cfg.d_model)] * cfg.n_layers
+    assert any(n == cfg.vocab_size for _, _, n in shapes)
+
+
+def test_rollout_roofline_quick(capsys):
+    rollout_throughput.main(["--quick", "--roofline", "--cases", "multi"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("roofline ")]
+    assert len(lines) == 1
+    m = re.match(r"^roofline multi B=2: weight matmuls alone (\d+\.\d) ms per rollout .* -> "
+                 r"ceiling (\d+) generated tok/s; measured (\d+) = (\d+)% of the ceiling$", lines[0])
+    assert m, lines[0]
+    assert float(m.group(1)) > 0 and int(m.group(2)) > 0 and int(m.group(3)) > 0
+
+
+def test_train_step_roofline_quick(capsys):
+    r = train_step.main(["--quick", "--roofline"])
+    line = [ln for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith("train_step roofline:")]
+    assert len(line) == 1
+    m = re.match(r"^train_step roofline: weight matmuls alone (\d+\.\d+) s of the (\d+\.\d+) s step "
+                 r"\((\d+)%\), at (\d+) GFLOP/s \((\d+)% of peak\) -> MFU ceiling (\d+\.\d)% if "
+                 r"the step did nothing else$", line[0])
+    assert m, line[0]
+    assert r["matmul_s"] > 0 and r["matmul_gflops"] > 0 and r["mfu_ceiling"] > 0
+
+
+def test_matmuls_seconds_validates_and_times():
+    assert common.matmuls_seconds([(4, 8, 16), (8, 16, 4)], repeats=2, runs=1) > 0
+    with pytest.raises(ValueError, match="no shapes"):
+        common.matmuls_seconds([], repeats=1, runs=1)
+    with pytest.raises(ValueError, match=">= 1"):
+        common.matmuls_seconds([(0, 8, 16)], repeats=1, runs=1)
 
 
 def test_synthetic_env_contract():
