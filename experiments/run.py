@@ -109,8 +109,8 @@ def check_config(config, num_devices: int | None = None) -> None:
         raise ConfigError(f"config.rl.kl_kind = {rl.kl_kind!r} is not one of "
                           f"{sorted(losses.KL_ESTIMATORS)}")
     for f in ("kl_coef", "entropy_coef", "value_coef", "value_clip", "dual_clip", "eps_low",
-              "eps_high"):
-        if float(rl[f]) < 0:
+              "eps_high", "target_kl"):
+        if float(rl.get(f, 0.0)) < 0:
             raise ConfigError(f"config.rl.{f} must be >= 0, got {rl[f]!r}")
     if rl.dual_clip and float(rl.dual_clip) <= 1.0:
         raise ConfigError(f"config.rl.dual_clip = {rl.dual_clip!r}: dual-clip needs c > 1 (0: off)")

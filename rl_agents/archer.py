@@ -57,7 +57,7 @@ from rl_agents import bc as bc_lib
 from rl_agents import dapo, losses
 from rl_agents.advantages import broadcast_turns, masked_gae, masked_whiten, per_turn_sum
 from rl_agents.rollout import Trajectory
-from rl_agents.trainer import TrainState, Trainer, episode_metrics
+from rl_agents.trainer import TrainState, Trainer, episode_metrics, minibatch_epochs
 
 
 # ============================================================================================
@@ -416,23 +416,10 @@ class ArcherTrainer(Trainer):
                      old_logp=traj.behaviour_logp, advantages=adv)
         if ref_logp is not None:
             batch["ref_logp"] = ref_logp
-        n_mb = rl.minibatches
-
-        def epoch(carry, ekey):
-            perm = jax.random.permutation(ekey, self.batch_size)
-            shuffled = jax.tree.map(lambda x: x[perm].reshape((n_mb, -1) + x.shape[1:]), batch)
-
-            def minibatch(carry, mb):
-                params, opt_state = carry
-                grads, metrics = jax.grad(self.actor_loss_fn, has_aux=True)(params, mb)
-                updates, opt_state = self.optimizer.update(grads, opt_state, params)
-                metrics["grad_norm"] = optax.global_norm(grads)
-                return (optax.apply_updates(params, updates), opt_state), metrics
-
-            return jax.lax.scan(minibatch, carry, shuffled)
-
-        (policy, opt_state), metrics = jax.lax.scan(
-            epoch, (state.params["policy"], state.opt_state), jax.random.split(k_perm, rl.epochs))
+        policy, opt_state, metrics = minibatch_epochs(
+            self.actor_loss_fn, self.optimizer, state.params["policy"], state.opt_state, batch,
+            k_perm, epochs=rl.epochs, minibatches=rl.minibatches, batch_size=self.batch_size,
+            target_kl=float(rl.get("target_kl", 0.0)))
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics.update(jax.tree.map(jnp.mean, critic_metrics))
         tv = traj.turn_valid

@@ -388,25 +388,10 @@ class Trainer:
         env_traj = traj
         traj, prm, reward_metrics = self._reward_transform(state, traj, row_weight)
         batch = self._prepare(state, traj, row_weight)
-        n_mb = rl.minibatches
-
-        def epoch(carry, ekey):
-            params, opt_state = carry
-            perm = jax.random.permutation(ekey, self.batch_size)
-            shuffled = jax.tree.map(lambda x: x[perm].reshape((n_mb, -1) + x.shape[1:]), batch)
-
-            def minibatch(carry, mb):
-                params, opt_state = carry
-                grads, metrics = jax.grad(self.loss_fn, has_aux=True)(params, mb)
-                updates, opt_state = self.optimizer.update(grads, opt_state, params)
-                params = optax.apply_updates(params, updates)
-                metrics["grad_norm"] = optax.global_norm(grads)
-                return (params, opt_state), metrics
-
-            return jax.lax.scan(minibatch, (params, opt_state), shuffled)
-
-        (params, opt_state), metrics = jax.lax.scan(
-            epoch, (state.params, state.opt_state), jax.random.split(k_perm, rl.epochs))
+        params, opt_state, metrics = minibatch_epochs(
+            self.loss_fn, self.optimizer, state.params, state.opt_state, batch, k_perm,
+            epochs=rl.epochs, minibatches=rl.minibatches, batch_size=self.batch_size,
+            target_kl=float(rl.get("target_kl", 0.0)))
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics.update(episode_metrics(env_traj, "rollout"))    # env returns, not the learned ones
         metrics.update(reward_metrics)
@@ -421,6 +406,44 @@ class Trainer:
         traj = rollout(self.env, self.policy, policy_params, key, num_groups=episodes,
                        group_size=1, sampling=sampling)
         return episode_metrics(traj, "eval"), traj
+
+
+def minibatch_epochs(loss_fn, optimizer, params, opt_state, batch: dict, key, *, epochs: int,
+                     minibatches: int, batch_size: int, target_kl: float = 0.0):
+    """``epochs`` passes over ``batch`` (rows shuffled per epoch, split into ``minibatches``), one
+    optimizer step per minibatch, as nested ``lax.scan``s. Returns (params, opt_state, metrics
+    stacked [epochs, minibatches]).
+
+    ``target_kl`` > 0 adds PPO's KL early stopping (Stable-Baselines3 ``target_kl``): once a
+    minibatch's ``policy/approx_kl`` (KL(π_old‖π) of the current parameters, measured before
+    its step) exceeds 1.5·target_kl, that step and every later step of this update are skipped
+    (parameters and optimizer state kept); ``policy/kl_stopped`` = 1 on skipped steps.
+    """
+    if target_kl < 0:
+        raise ValueError(f"target_kl must be >= 0 (0: off), got {target_kl!r}")
+
+    def epoch(carry, ekey):
+        perm = jax.random.permutation(ekey, batch_size)
+        shuffled = jax.tree.map(lambda x: x[perm].reshape((minibatches, -1) + x.shape[1:]), batch)
+
+        def minibatch(carry, mb):
+            params, opt_state, stopped = carry
+            grads, metrics = jax.grad(loss_fn, has_aux=True)(params, mb)
+            updates, new_opt = optimizer.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            metrics["grad_norm"] = optax.global_norm(grads)
+            if target_kl > 0:
+                stopped = stopped | (metrics["policy/approx_kl"] > 1.5 * target_kl)
+                keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(stopped, o, n), new, old)
+                new_params, new_opt = keep(new_params, params), keep(new_opt, opt_state)
+                metrics["policy/kl_stopped"] = stopped.astype(jnp.float32)
+            return (new_params, new_opt, stopped), metrics
+
+        return jax.lax.scan(minibatch, carry, shuffled)
+
+    (params, opt_state, _), metrics = jax.lax.scan(
+        epoch, (params, opt_state, jnp.zeros((), bool)), jax.random.split(key, epochs))
+    return params, opt_state, metrics
 
 
 def episode_metrics(traj: Trajectory, prefix: str) -> dict:
