@@ -121,6 +121,7 @@ def main(argv=None):
     supo_params, h_supo = sft(model, init, supo_arrays, k_sft_supo, args.bc_steps, args.batch_size, args.lr)
     log(f"BC SUPO:  sft loss {h_supo['bc/sft_loss'][0]:.3f} -> {h_supo['bc/sft_loss'][-1]:.3f} ({time.time() - t:.0f} s)")
 
+    bc_supo_params = supo_params
     if args.rl_updates > 0:
         t = time.time()
         supo_params = rl_phase(args, env, supo_params, k_rl, lengths[0])
@@ -141,7 +142,12 @@ def main(argv=None):
     rows = []
     rows.append(("(a) no summarization, context truncated at L", "plain",
                  [evaluate(plain_params, L, 0) for L in lengths]))
-    rows.append((f"(b) SUPO (max_summaries_eval={args.max_summaries_eval})", "supo",
+    if args.rl_updates > 0:
+        rows.append((f"(b0) SUPO after BC only, before RL (max_summaries_eval="
+                     f"{args.max_summaries_eval})", "supo",
+                     [evaluate(bc_supo_params, L, args.max_summaries_eval) for L in lengths]))
+    rows.append((f"(b) SUPO{' after RL' if args.rl_updates > 0 else ''} (max_summaries_eval="
+                 f"{args.max_summaries_eval})", "supo",
                  [evaluate(supo_params, L, args.max_summaries_eval) for L in lengths]))
     m_small = 1
     rows.append((f"(b') SUPO, max_summaries={m_small} at eval", "supo",
@@ -192,7 +198,7 @@ def rl_phase(args, env, params, key, working_len):
                                                overlong_mask=True))
     trainer = SupoTrainer(c)
     state = trainer.fresh_state(key)
-    policy = jax.tree.map(jnp.asarray, params)
+    policy = jax.tree.map(jnp.copy, params)      # the update donates its state; keep the BC params
     state = state.replace(params={"policy": policy}, ref_params=jax.tree.map(jnp.copy, policy),
                           opt_state=trainer.optimizer.init({"policy": policy}))
     for i in range(args.rl_updates):
