@@ -134,20 +134,25 @@ def step_flops(cfg, n_mm_total: int, batch: int, seq_len: int, n_models: int = 2
     return 6.0 * n_mm_total * batch * seq_len + 3.0 * attn
 
 
-def compile_seconds(cfg: models.ModelConfig, batch: int, seq_len: int,
-                    logprob_chunk: int) -> tuple[float, float]:
-    """(trace + lower seconds, XLA compile seconds) of the jitted train step for ``cfg``; params
-    and batch are abstract (``jax.eval_shape``), nothing is run."""
-    policy, value_model = models.PolicyModel(cfg), models.ValueModel(cfg)
-    optimizer = optax.adamw(1e-4, weight_decay=0.01)
-
+def make_init(cfg, policy, value_model, optimizer, batch: int, seq_len: int):
+    """(k_policy, k_value, k_batch) -> (StepState with the critic initialised from the policy,
+    random batch), un-jitted (run it under ``jax.jit`` or ``jax.eval_shape``)."""
     def init(k_pol, k_val, k_batch):
         pol = models.init_params(policy, k_pol)
         params = {"policy": pol, "value": models.init_value_from_policy(
             pol, models.init_params(value_model, k_val))}
         return (StepState(params, optimizer.init(params)),
                 random_batch(k_batch, batch, seq_len, cfg.vocab_size))
+    return init
 
+
+def compile_seconds(cfg: models.ModelConfig, batch: int, seq_len: int,
+                    logprob_chunk: int) -> tuple[float, float]:
+    """(trace + lower seconds, XLA compile seconds) of the jitted train step for ``cfg``; params
+    and batch are abstract (``jax.eval_shape``), nothing is run."""
+    policy, value_model = models.PolicyModel(cfg), models.ValueModel(cfg)
+    optimizer = optax.adamw(1e-4, weight_decay=0.01)
+    init = make_init(cfg, policy, value_model, optimizer, batch, seq_len)
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     state, b = jax.eval_shape(init, *keys)
     step = jax.jit(make_step(policy, value_model, optimizer, logprob_chunk=logprob_chunk),
@@ -228,15 +233,7 @@ def main(argv=None) -> dict[str, Any]:
     policy, value_model = models.PolicyModel(cfg), models.ValueModel(cfg)
     k_pol, k_val, k_batch = jax.random.split(jax.random.PRNGKey(0), 3)
     optimizer = optax.adamw(1e-4, weight_decay=0.01)
-
-    @jax.jit
-    def init(k_pol, k_val, k_batch):
-        pol = models.init_params(policy, k_pol)
-        params = {"policy": pol, "value": models.init_value_from_policy(
-            pol, models.init_params(value_model, k_val))}
-        return (StepState(params, optimizer.init(params)),
-                random_batch(k_batch, batch, seq_len, cfg.vocab_size))
-
+    init = jax.jit(make_init(cfg, policy, value_model, optimizer, batch, seq_len))
     state, b = init(k_pol, k_val, k_batch)
     params = state.params
     n_mm = common.matmul_params(params["policy"], cfg) + common.matmul_params(params["value"], cfg)

@@ -285,20 +285,9 @@ def chunked_sequence_logprobs(hidden: jax.Array, unembed: jax.Array, tokens: jax
     """
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise ValueError(f"chunk={chunk!r} must be a positive int")
-    if jnp.ndim(hidden) != 3 or jnp.shape(hidden)[:2] != jnp.shape(tokens):
-        raise ValueError(f"hidden {jnp.shape(hidden)} must be [B,T,D] with tokens {jnp.shape(tokens)} = [B,T]")
-    if jnp.ndim(unembed) != 2 or jnp.shape(unembed)[0] != jnp.shape(hidden)[2]:
-        raise ValueError(f"unembed {jnp.shape(unembed)} must be [D={jnp.shape(hidden)[2]},V]")
-    b, t, d = hidden.shape
-    if t < 2:
-        return jnp.zeros((b, t), jnp.float32)
-    n = t - 1
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
-    tg = jnp.pad(jnp.asarray(tokens, jnp.int32)[:, 1:], ((0, 0), (0, pad)))
-    h = h.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)          # [C,B,chunk,D]
-    tg = tg.reshape(b, n_chunks, chunk).swapaxes(0, 1)           # [C,B,chunk]
+    h, tg, unchunk = _next_token_chunks(hidden, unembed, tokens, chunk)
+    if h is None:
+        return unchunk(None)
 
     @jax.checkpoint
     def one_chunk(args):
@@ -308,9 +297,38 @@ def chunked_sequence_logprobs(hidden: jax.Array, unembed: jax.Array, tokens: jax
         picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         return picked - lse
 
-    lp = jax.lax.map(one_chunk, (h, tg))                         # [C,B,chunk]
-    lp = lp.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :n]
-    return jnp.concatenate([jnp.zeros((b, 1), jnp.float32), lp], axis=1)
+    return unchunk(jax.lax.map(one_chunk, (h, tg)))              # [C,B,chunk] -> [B,T]
+
+
+def _next_token_chunks(hidden, unembed, tokens, chunk: int):
+    """Shared set-up of the chunked log-prob functions: check hidden ``[B,T,D]`` / unembed
+    ``[D,V]`` / tokens ``[B,T]``, pair positions 0..T−2 with their next tokens, zero-pad to whole
+    chunks of ``min(chunk, T−1)`` and return (hidden chunks ``[C,B,c,D]``, target chunks
+    ``[C,B,c]``, ``unchunk``) where ``unchunk`` maps per-chunk ``[C,B,c]`` values back to ``[B,T]``
+    aligned with ``tokens`` (entry 0 = 0). For T < 2 the chunks are ``None`` and ``unchunk``
+    returns zeros ``[B,T]``."""
+    if jnp.ndim(hidden) != 3 or jnp.shape(hidden)[:2] != jnp.shape(tokens):
+        raise ValueError(f"hidden {jnp.shape(hidden)} must be [B,T,D] with tokens "
+                         f"{jnp.shape(tokens)} = [B,T]")
+    if jnp.ndim(unembed) != 2 or jnp.shape(unembed)[0] != jnp.shape(hidden)[2]:
+        raise ValueError(f"unembed {jnp.shape(unembed)} must be [D={jnp.shape(hidden)[2]},V]")
+    b, t, d = hidden.shape
+    if t < 2:
+        return None, None, lambda _: jnp.zeros((b, t), jnp.float32)
+    n = t - 1
+    chunk = min(chunk, n)
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    tg = jnp.pad(jnp.asarray(tokens, jnp.int32)[:, 1:], ((0, 0), (0, pad)))
+    h = h.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)          # [C,B,chunk,D]
+    tg = tg.reshape(b, n_chunks, chunk).swapaxes(0, 1)           # [C,B,chunk]
+
+    def unchunk(x):
+        x = x.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :n]
+        return jnp.concatenate([jnp.zeros((b, 1), jnp.float32), x], axis=1)
+
+    return h, tg, unchunk
 
 
 
@@ -387,28 +405,9 @@ def chunked_logprobs_and_entropy(hidden: jax.Array, unembed: jax.Array, tokens: 
         raise ValueError(f"chunk={chunk!r} must be a positive int")
     if _number(temperature) and not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
-    if jnp.ndim(hidden) != 3 or jnp.shape(hidden)[:2] != jnp.shape(tokens):
-        raise ValueError(f"hidden {jnp.shape(hidden)} must be [B,T,D] with tokens "
-                         f"{jnp.shape(tokens)} = [B,T]")
-    if jnp.ndim(unembed) != 2 or jnp.shape(unembed)[0] != jnp.shape(hidden)[2]:
-        raise ValueError(f"unembed {jnp.shape(unembed)} must be [D={jnp.shape(hidden)[2]},V]")
-    b, t, d = hidden.shape
-    if t < 2:
-        zeros = jnp.zeros((b, t), jnp.float32)
-        return zeros, zeros
-    n = t - 1
-    chunk = min(chunk, n)
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
-    tg = jnp.pad(jnp.asarray(tokens, jnp.int32)[:, 1:], ((0, 0), (0, pad)))
-    h = h.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)          # [C,B,chunk,D]
-    tg = tg.reshape(b, n_chunks, chunk).swapaxes(0, 1)           # [C,B,chunk]
+    h, tg, unchunk = _next_token_chunks(hidden, unembed, tokens, chunk)
+    if h is None:
+        return unchunk(None), unchunk(None)
     lp, ent = _chunked_core(h, unembed.astype(hidden.dtype), tg,
                             jnp.asarray(temperature, jnp.float32))
-
-    def unchunk(x):
-        x = x.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :n]
-        return jnp.concatenate([jnp.zeros((b, 1), jnp.float32), x], axis=1)
-
     return unchunk(lp), unchunk(ent)

@@ -22,19 +22,24 @@ def greedy_success(trainer, params, episodes=256):
     return float(m["eval/success_rate"])
 
 
+def train_from_bc(trainer, updates: int):
+    """BC warm start (``trainer.init``), then ``updates`` RL updates: (greedy success at the BC
+    start, sampled success of every update, greedy success at the end)."""
+    state = trainer.init(jax.random.PRNGKey(0))
+    bc = greedy_success(trainer, state.params["policy"])
+    sampled = []
+    for _ in range(updates):
+        state, metrics = trainer.update(state)
+        sampled.append(float(metrics["rollout/success_rate"]))
+    return bc, sampled, greedy_success(trainer, state.params["policy"])
+
+
 @pytest.mark.slow
 def test_ppo_beats_noisy_bc_on_guess_number():
     c = load_config("guess_number", "ppo")
     c.bc.epsilon = 0.4
     c.total_updates = UPDATES
-    trainer = Trainer(c)
-    state = trainer.init(jax.random.PRNGKey(0))
-    bc = greedy_success(trainer, state.params["policy"])
-    sampled = []
-    for _ in range(UPDATES):
-        state, metrics = trainer.update(state)
-        sampled.append(float(metrics["rollout/success_rate"]))
-    final = greedy_success(trainer, state.params["policy"])
+    bc, sampled, final = train_from_bc(Trainer(c), UPDATES)
     late = sum(sampled[-10:]) / 10
     assert late >= sampled[0] + 0.25 and late >= 0.45, (sampled, bc, final)
     assert final >= bc - 0.10, (bc, final, sampled)
@@ -49,14 +54,7 @@ def test_archer_improves_sampled_success_on_kv_search():
     from rl_agents.summarization import make_trainer
     c = load_config("kv_search", "archer")
     c.bc.epsilon = 0.6
-    trainer = make_trainer(c)
-    state = trainer.init(jax.random.PRNGKey(0))
-    bc = greedy_success(trainer, state.params["policy"])
-    sampled = []
-    for _ in range(20):
-        state, metrics = trainer.update(state)
-        sampled.append(float(metrics["rollout/success_rate"]))
-    final = greedy_success(trainer, state.params["policy"])
+    bc, sampled, final = train_from_bc(make_trainer(c), 20)
     late = sum(sampled[-5:]) / 5
     assert late >= sampled[0] + 0.25 and late >= 0.6, (sampled, bc, final)
     assert final >= bc - 0.05, (bc, final, sampled)
