@@ -12,17 +12,20 @@ calculator, maze, ...). For each env:
   same for both sides); E = ceil(K / T) episodes per env slot, K = ``--steps-per-call``
   (default 32). Oracle trajectories of E·B episodes are generated beforehand with one
   ``jit(vmap)`` + ``lax.scan``: their reset states and the actions of their first T turns.
-* jitted, per timed run: ONE call of a compiled function that runs ``lax.scan`` over the E
-  episodes, each a ``lax.scan`` over its T turns of ``vmap(env.step)`` on B envs, with the
+* jitted, per timed run, in two batch layouts (``make_rollout``): ONE call of a compiled
+  function that runs ``lax.scan`` over the E episodes, each a ``lax.scan`` over its T turns of ``vmap(env.step)`` on B envs, with the
   pre-generated action tokens (E·T = K steps per call, as PureJaxRL measures: the Python
   dispatch of one call is spread over K steps instead of being what is measured). Every
   TimeStep (observation, reward, flags, info) is an output, as a rollout keeps them; the
-  result is blocked on.
+  result is blocked on. Batch-major is ``vmap(env.step)`` (states ``[B, ...]``); batch-minor is
+  ``vmap(env.step, in_axes=-1, out_axes=-1)`` (states ``[..., B]``, actions ``[L, B]``): the
+  same function, with each per-env quantity a contiguous row of B lanes that XLA:CPU
+  vectorizes. Inputs are moved to each layout before timing.
 * twin, per timed run: E·B twin objects built from the same reset states (not timed), then a
   plain Python loop over episodes, turns and twins calling ``twin.step(text)`` with the action
   strings prepared before timing (``vocab.decode`` of the same action tokens). The twin's own
   parsing and formatting are timed, since they are its cost.
-* the timed runs alternate (jitted, twin, jitted, ...), so that both sides see the same load.
+* the timed runs alternate (major, minor, twin, major, ...), so that all sides see the same load.
 
 Reported: env-steps per second (B·E·T / seconds), the median of ``--runs`` runs, the ratio,
 and the ratio of process CPU seconds (XLA may use several threads, the twin one).
@@ -91,9 +94,23 @@ def episodes_per_call(T: int, steps_per_call: int) -> int:
     return max(1, math.ceil(steps_per_call / T))
 
 
-def make_rollout(env):
-    """jit((reset states [E, B], actions [E, T, B, L]) -> TimeSteps [E, T, B, ...])."""
-    vstep = jax.vmap(env.step)
+LAYOUTS = ("major", "minor")
+
+
+def make_rollout(env, layout: str = "major"):
+    """jit((reset states, actions) -> TimeSteps) over E episodes x T turns of B envs.
+
+    ``layout="major"``: batch-major, ``vmap(env.step)`` on states ``[E, B, ...]`` and actions
+    ``[E, T, B, L]``, TimeSteps ``[E, T, B, ...]`` (the default vmap layout; what
+    ``rl_agents.rollout`` uses). ``layout="minor"``: batch-minor (struct of arrays),
+    ``vmap(env.step, in_axes=-1, out_axes=-1)`` on states ``[E, ..., B]`` and actions
+    ``[E, T, L, B]``, TimeSteps ``[E, T, ..., B]``: every per-env value is a contiguous row of
+    B lanes, so XLA:CPU's loops over the batch vectorize (see ``to_layout``).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    ax = 0 if layout == "major" else -1
+    vstep = jax.vmap(env.step, in_axes=(ax, ax), out_axes=ax)
 
     def episode(_, xs):
         s0, acts = xs
@@ -102,22 +119,39 @@ def make_rollout(env):
     return jax.jit(lambda s0, acts: jax.lax.scan(episode, None, (s0, acts))[1])
 
 
+def to_layout(s0, acts, layout: str):
+    """Batch-major inputs (states [E, B, ...], actions [E, T, B, L], numpy) in ``layout``:
+    unchanged for "major"; for "minor" the batch axis moved last (states [E, ..., B], actions
+    [E, T, L, B]), contiguous."""
+    if layout == "major":
+        return s0, acts
+    if layout != "minor":
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    s0 = jax.tree_util.tree_map(lambda x: np.ascontiguousarray(np.moveaxis(np.asarray(x), 1, -1)), s0)
+    return s0, np.ascontiguousarray(np.moveaxis(acts, 2, -1))
+
+
 def _timed(fn) -> tuple[float, float]:
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def time_side_by_side(env, twin_cls, s0, acts, runs: int) -> dict[str, tuple[float, float]]:
-    """{"jitted" | "twin": (median wall s, median process CPU s)} of the same B x E x T steps.
+def time_side_by_side(env, twin_cls, s0, acts, runs: int,
+                      layouts=LAYOUTS) -> dict[str, tuple[float, float]]:
+    """{layout | "twin": (median wall s, median process CPU s)} of the same B x E x T steps.
 
-    s0: reset states [E, B, ...] (numpy), acts: [E, T, B, L]. The runs alternate (jitted,
-    twin, jitted, ...) so that both sides see the same machine load.
+    s0: reset states [E, B, ...] (numpy), acts: [E, T, B, L]; each layout of ``layouts`` is a
+    jitted side (``make_rollout``, inputs moved to its layout before timing). The runs
+    alternate (major, minor, twin, major, ...) so that all sides see the same machine load.
     """
     E, T, B = acts.shape[:3]
-    rollout = make_rollout(env)
-    dev_s0, dev_acts = jax.device_put((s0, acts))
-    jax.block_until_ready(rollout(dev_s0, dev_acts))          # compile + warm up
+    jitted = {}
+    for layout in layouts:
+        rollout = make_rollout(env, layout)
+        dev_in = jax.device_put(to_layout(s0, acts, layout))
+        jax.block_until_ready(rollout(*dev_in))               # compile + warm up
+        jitted[layout] = (rollout, dev_in)
     texts = [[[vocab.decode(acts[e, t, i], skip_pad=False) for i in range(B)] for t in range(T)]
              for e in range(E)]
     firsts = [[jax.tree_util.tree_map(lambda x: x[e, i], s0) for i in range(B)] for e in range(E)]
@@ -130,9 +164,10 @@ def time_side_by_side(env, twin_cls, s0, acts, runs: int) -> dict[str, tuple[flo
                 for i, tw in enumerate(row_twins):
                     tw.step(row[i])
 
-    out = {"jitted": [], "twin": []}
+    out = {**{layout: [] for layout in jitted}, "twin": []}
     for _ in range(runs):
-        out["jitted"].append(_timed(lambda: jax.block_until_ready(rollout(dev_s0, dev_acts))))
+        for layout, (rollout, dev_in) in jitted.items():
+            out[layout].append(_timed(lambda: jax.block_until_ready(rollout(*dev_in))))
         twins = [[twin_cls.from_state(s, env) for s in row] for row in firsts]   # not timed
         out["twin"].append(_timed(lambda: twin_loop(twins)))
     return {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
@@ -175,10 +210,13 @@ def main(argv=None) -> str:
     notes = [machine_note(),
              f"median of {runs} runs; jitted: one call = lax.scan over E episodes x lax.scan over "
              f"T turns of vmap(step) on B envs (E = ceil({args.steps_per_call} / T), "
-             f"pre-generated actions, all TimeSteps output, blocked on); twin: Python loop over "
-             f"the same B x E x T steps; CPU ratio = twin / jitted process CPU seconds"]
-    header = ["env", "batch", "turns T", "episodes E", "jitted steps/s", "twin steps/s",
-              "jitted / twin", "CPU ratio"]
+             f"pre-generated actions, all TimeSteps output, blocked on), batch-major "
+             f"(vmap(step)) and batch-minor (vmap(step, in_axes=-1, out_axes=-1)); twin: Python "
+             f"loop over the same B x E x T steps; CPU ratio = twin / jitted process CPU "
+             f"seconds, batch-minor"]
+    header = ["env", "batch", "turns T", "episodes E", "jitted steps/s (batch-major)",
+              "jitted steps/s (batch-minor)", "twin steps/s", "major / twin", "minor / twin",
+              "CPU ratio"]
     lines = [title, *[f"  {n}" for n in notes], "",
              "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     print("\n".join(lines), flush=True)
@@ -192,10 +230,10 @@ def main(argv=None) -> str:
         for B in batches:
             s0, a = batch_inputs(states, acts, B, E, T)
             t = time_side_by_side(env, twin_cls, s0, a, runs)
-            (jw, jc), (tw, tc) = t["jitted"], t["twin"]
+            (jw, _), (mw, mc), (tw, tc) = t["major"], t["minor"], t["twin"]
             n = B * E * T
-            row = [name, B, T, E, f"{n / jw:,.0f}", f"{n / tw:,.0f}", f"{tw / jw:,.1f}x",
-                   f"{tc / jc:,.1f}x"]
+            row = [name, B, T, E, f"{n / jw:,.0f}", f"{n / mw:,.0f}", f"{n / tw:,.0f}",
+                   f"{tw / jw:,.1f}x", f"{tw / mw:,.1f}x", f"{tc / mc:,.1f}x"]
             rows.append(row)
             line = "| " + " | ".join(str(c) for c in row) + " |"
             lines.append(line)

@@ -6,9 +6,11 @@
 For each run: build the config (``experiments/configs/<task>_<algo>.py`` when it exists, else
 ``make_config(task, algo)``), BC warm start on ε-noisy oracle demos, evaluate greedy success
 (the BC start), then RL updates until the wall-clock budget or ``total_updates`` runs out,
-evaluating every ``--eval_every`` updates. Writes the curves to ``benchmarks/results/
-learning_<task>_<algo>.json`` and a PNG, and prints a markdown table (task, algorithm, BC
-success, final success, best success, wall time, env steps, updates), with the hardware named.
+evaluating every ``--eval_every`` updates on ``--eval_episodes`` fixed seeds, and at the end the
+final policy on ``--final_episodes`` fresh seeds (not the ones ``--stop_at`` read). Writes the
+curves to ``<--results_dir>/learning_<task>_<algo>.json`` (default ``benchmarks/results``) and a
+PNG, and prints a markdown table (task, algorithm, BC success, final success on the curve's seeds
+and on fresh seeds, best success, wall time, env steps, updates), with the hardware named.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ def load_config(task: str, algo: str):
 
 
 def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes: int,
-            overrides: dict, seed: int = 0, stop_at: float | None = None) -> dict:
+            overrides: dict, seed: int = 0, stop_at: float | None = None,
+            final_episodes: int = 0) -> dict:
     config = load_config(task, algo)
     config.seed = seed
     for k, v in overrides.items():
@@ -53,8 +56,8 @@ def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes
     bc_time = time.time() - t0
     ekey = jax.random.PRNGKey(1234)
 
-    def evaluate(st):
-        m, _ = trainer.evaluate(st.params["policy"], ekey, episodes=eval_episodes, greedy=True)
+    def evaluate(st, key=ekey, episodes=eval_episodes):
+        m, _ = trainer.evaluate(st.params["policy"], key, episodes=episodes, greedy=True)
         return float(m["eval/success_rate"])
 
     curve = [{"update": 0, "wall_s": bc_time, "env_steps": 0, "success": evaluate(state)}]
@@ -81,8 +84,12 @@ def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes
     if curve[-1]["update"] != update:
         curve.append({"update": update, "wall_s": time.time() - t0, "env_steps": env_steps,
                       "success": evaluate(state)})
+    # the final policy on fresh episodes (another key than the curve's, which stop_at read)
+    fresh = (evaluate(state, jax.random.PRNGKey(98765), final_episodes) if final_episodes > 0
+             else None)
     return {"task": task, "algorithm": algo, "bc_success": curve[0]["success"],
-            "final_success": curve[-1]["success"], "best_success": max(c["success"] for c in curve),
+            "final_success": curve[-1]["success"], "final_fresh_success": fresh,
+            "final_fresh_episodes": final_episodes, "best_success": max(c["success"] for c in curve),
             "wall_s": curve[-1]["wall_s"], "env_steps": env_steps, "updates": update,
             "bc_epsilon": float(config.bc.epsilon), "stop_at": stop_at,
             "seconds_per_update": (curve[-1]["wall_s"] - bc_time) / max(update, 1), "curve": curve}
@@ -108,12 +115,15 @@ def table(results: list[dict]) -> str:
     lines = [f"Hardware: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} usable CPU cores "
              f"(of {os.cpu_count()}), "
              f"jax {jax.__version__} ({jax.default_backend()})", "",
-             "| task | algorithm | BC start (ε) | final greedy success | best | wall time | env steps | updates |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| task | algorithm | BC start (ε) | final greedy success | final, fresh episodes "
+             "| best | wall time | env steps | updates |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        fresh = ("–" if r.get("final_fresh_success") is None
+                 else f"{r['final_fresh_success']:.3f} (n={r['final_fresh_episodes']:,})")
         lines.append(f"| {r['task']} | {r['algorithm']} | {r['bc_success']:.3f} (ε={r['bc_epsilon']}) | "
-                     f"{r['final_success']:.3f} | {r['best_success']:.3f} | {r['wall_s'] / 60:.1f} min | "
-                     f"{r['env_steps']:,} | {r['updates']} |")
+                     f"{r['final_success']:.3f} | {fresh} | {r['best_success']:.3f} | "
+                     f"{r['wall_s'] / 60:.1f} min | {r['env_steps']:,} | {r['updates']} |")
     return "\n".join(lines)
 
 
@@ -122,7 +132,10 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default="guess_number:grpo,guess_number:ppo")
     ap.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget per run")
     ap.add_argument("--eval_every", type=int, default=10)
-    ap.add_argument("--eval_episodes", type=int, default=256)
+    ap.add_argument("--eval_episodes", type=int, default=256, help="greedy episodes per curve point")
+    ap.add_argument("--final_episodes", type=int, default=1024,
+                    help="greedy episodes (fresh seeds) for the final policy's success; 0: off")
+    ap.add_argument("--results_dir", default=RESULTS, help="where the JSON curves and PNGs go")
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     ap.add_argument("--stop_at", type=float, default=None,
                     help="stop a run once its greedy success reaches this value")
@@ -134,18 +147,21 @@ def main(argv=None) -> int:
     if args.quick:
         overrides.update({"bc.episodes": "128", "bc.epochs": "1", "total_updates": "2",
                           "model.d_model": "32", "model.d_ff": "64", "model.n_layers": "1"})
-        args.eval_every, args.eval_episodes = 1, 16
-    os.makedirs(RESULTS, exist_ok=True)
+        args.eval_every, args.eval_episodes, args.final_episodes = 1, 16, 16
+    if args.eval_every < 1 or args.eval_episodes < 1 or args.final_episodes < 0:
+        raise ValueError(f"--eval_every and --eval_episodes must be >= 1 and --final_episodes >= 0, "
+                         f"got {args.eval_every}, {args.eval_episodes}, {args.final_episodes}")
+    os.makedirs(args.results_dir, exist_ok=True)
     results = []
     for spec in args.runs.split(","):
         task, algo = spec.split(":")
         r = run_one(task, algo, args.minutes, args.eval_every, args.eval_episodes, overrides,
-                    seed=args.seed, stop_at=args.stop_at)
+                    seed=args.seed, stop_at=args.stop_at, final_episodes=args.final_episodes)
         results.append(r)
         if not args.quick:
-            with open(os.path.join(RESULTS, f"learning_{task}_{algo}.json"), "w") as f:
+            with open(os.path.join(args.results_dir, f"learning_{task}_{algo}.json"), "w") as f:
                 json.dump(r, f, indent=1)
-            plot(r, os.path.join(RESULTS, f"learning_{task}_{algo}.png"))
+            plot(r, os.path.join(args.results_dir, f"learning_{task}_{algo}.png"))
     text = table(results)
     print(text)
     if args.out:

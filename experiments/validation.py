@@ -202,6 +202,12 @@ def check_optim(config, ctx):
     lr = _get(config, "optim.lr")
     if lr is not _MISSING and (not _is_num(lr) or not math.isfinite(float(lr)) or float(lr) <= 0):
         return f"config.optim.lr must be > 0, got {lr!r}"
+    decay = _get(config, "optim.decay")
+    if decay is not _MISSING and decay not in ("constant", "cosine", "linear"):
+        return f"config.optim.decay = {decay!r} is not one of constant, cosine, linear"
+    frac = _get(config, "optim.final_lr_fraction")
+    if frac is not _MISSING and (not _is_num(frac) or not 0.0 <= float(frac) <= 1.0):
+        return f"config.optim.final_lr_fraction must be in [0, 1], got {frac!r}"
     for f in ("optim.grad_clip", "optim.weight_decay"):
         v = _get(config, f)
         if v is not _MISSING and v is not None and (not _is_num(v) or float(v) < 0):

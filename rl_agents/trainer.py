@@ -95,12 +95,10 @@ class Trainer:
             raise ValueError(f"config.rl.minibatches={rl.minibatches} does not divide the batch "
                              f"{self.batch_size} (num_groups*group_size)")
         o = config.optim
-        # linear warm-up from 0; without warm-up the first step already uses the full lr
-        schedule = (optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps > 0
-                    else o.lr)
         self.optimizer = optax.chain(
             optax.clip_by_global_norm(o.grad_clip),
-            optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=o.weight_decay))
+            optax.adamw(lr_schedule(o, config.total_updates * rl.epochs * rl.minibatches),
+                        b1=0.9, b2=0.99, weight_decay=o.weight_decay))
         # Reward source and process rewards (config.reward; absent = env reward only).
         rw = config.get("reward", None)
         self.reward_source = "env" if rw is None else rw.source
@@ -406,6 +404,33 @@ class Trainer:
         traj = rollout(self.env, self.policy, policy_params, key, num_groups=episodes,
                        group_size=1, sampling=sampling)
         return episode_metrics(traj, "eval"), traj
+
+
+LR_DECAYS = ("constant", "cosine", "linear")
+
+
+def lr_schedule(optim, total_steps: int):
+    """The policy learning rate per optimizer step from ``config.optim``.
+
+    Linear warm-up 0 → ``lr`` over ``warmup_steps`` steps (none if 0: the first step already
+    uses ``lr``), then ``decay``: "constant" keeps ``lr``; "cosine" / "linear" go from ``lr`` to
+    ``lr · final_lr_fraction`` over the remaining ``total_steps − warmup_steps`` steps
+    (``total_steps = total_updates · epochs · minibatches``, every optimizer step of the run) and
+    stay there. Returns a float when the rate is constant, else an optax schedule.
+    """
+    decay = optim.get("decay", "constant")
+    if decay not in LR_DECAYS:
+        raise ValueError(f"config.optim.decay = {decay!r} is not one of {list(LR_DECAYS)}")
+    lr, warmup = float(optim.lr), int(optim.warmup_steps)
+    if decay == "constant":
+        return optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else lr
+    end = lr * float(optim.get("final_lr_fraction", 0.0))
+    steps = max(int(total_steps) - warmup, 1)
+    tail = (optax.cosine_decay_schedule(lr, steps, alpha=end / lr) if decay == "cosine"
+            else optax.linear_schedule(lr, end, steps))
+    if warmup == 0:
+        return tail
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), tail], [warmup])
 
 
 def minibatch_epochs(loss_fn, optimizer, params, opt_state, batch: dict, key, *, epochs: int,

@@ -7,7 +7,8 @@ Keys (all read by ``rl_agents.trainer`` / ``experiments.train``):
   model.*                          ``models.ModelConfig`` fields (vocab / max_seq_len come from the env)
   rollout.*                        groups × group size per update, sampling, eval episodes
   rl.*                             algorithm (``rl_agents.algorithms``) and loss settings
-  optim.*                          AdamW with linear warm-up and global-norm clipping
+  optim.*                          AdamW with linear warm-up, optional cosine/linear decay,
+                                   global-norm clipping
   bc.*                             BC warm start on ε-noisy oracle demos (episodes=0: off)
 """
 import ml_collections
@@ -56,7 +57,10 @@ def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collec
         c.rollout.group_size = 1
         c.rollout.num_groups = 64
 
-    c.optim = ml_collections.ConfigDict(dict(lr=3e-4, warmup_steps=5, grad_clip=1.0, weight_decay=0.0))
+    # lr after warm-up: "constant", or "cosine" / "linear" decay to lr·final_lr_fraction at the
+    # last optimizer step of total_updates (rl_agents.trainer.lr_schedule)
+    c.optim = ml_collections.ConfigDict(dict(lr=3e-4, warmup_steps=5, decay="constant",
+                                             final_lr_fraction=0.0, grad_clip=1.0, weight_decay=0.0))
     c.bc = ml_collections.ConfigDict(dict(
         episodes=2048, epsilon=0.2, success_only=False, epochs=4, batch_size=64, lr=2e-3))
     # Reward source: the env's reward, or a learned Bradley–Terry reward model (trained on

@@ -35,12 +35,31 @@ def test_rollout_runs_the_same_steps_as_the_env():
                 assert ts.reward[e, t, i] == float(want.reward)
 
 
+def test_batch_minor_layout_gives_the_same_timesteps():
+    env = envs.make("maze")
+    states, acts, _ = B.oracle_trajectory(env, 6)
+    s0, a = B.batch_inputs(states, acts, 3, 2, 3)
+    m0, ma = B.to_layout(s0, a, "minor")
+    assert ma.shape == (2, 3, env.action_len, 3) and ma.flags["C_CONTIGUOUS"]
+    assert np.asarray(m0.walls).shape == (2, env.size, env.size, 3)
+    major = jax.device_get(B.make_rollout(env, "major")(s0, a))
+    minor = jax.device_get(B.make_rollout(env, "minor")(m0, ma))
+    assert np.array_equal(np.moveaxis(minor.observation, -1, 2), major.observation)
+    for name in ("reward", "terminated", "truncated"):
+        assert np.array_equal(getattr(minor, name), getattr(major, name))
+    for k in major.info:
+        assert np.array_equal(minor.info[k], major.info[k]), k
+    with pytest.raises(ValueError, match="layout"):
+        B.make_rollout(env, "diagonal")
+
+
 def test_quick_table(capsys):
     out = B.main(["--envs", "maze", "--batches", "2", "--runs", "3", "--steps-per-call", "4"])
     rows = [l for l in out.splitlines() if l.startswith("| maze")]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert cells[1] == "2" and cells[6].endswith("x") and float(cells[4].replace(",", "")) > 0
+    assert cells[1] == "2" and cells[7].endswith("x") and cells[8].endswith("x")
+    assert float(cells[4].replace(",", "")) > 0 and float(cells[5].replace(",", "")) > 0
     assert "lax.scan over E episodes" in capsys.readouterr().out
 
 

@@ -193,10 +193,14 @@ def test_preemption_guard_restores_handlers():
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.should_stop and guard.received == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before
+    # the SIGINT handler before the guard: Python's default, or SIG_IGN when the test process
+    # was started in the background (nohup / `&`)
+    before_int = signal.getsignal(signal.SIGINT)
     with PreemptionGuard(catch_sigint=True) as g2:
+        assert signal.getsignal(signal.SIGINT) is not before_int
         os.kill(os.getpid(), signal.SIGINT)
         assert g2.should_stop
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before_int
 
 
 CHILD = textwrap.dedent("""

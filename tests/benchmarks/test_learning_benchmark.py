@@ -1,0 +1,30 @@
+"""benchmarks.learning: the results table (fresh-episode column) and argument checks."""
+import pytest
+
+from benchmarks import learning
+
+
+def _result(**kw):
+    r = dict(task="calculator", algorithm="ppo", bc_success=0.5, bc_epsilon=0.4, final_success=0.9,
+             final_fresh_success=0.875, final_fresh_episodes=1024, best_success=0.95, wall_s=600.0,
+             env_steps=12345, updates=100)
+    r.update(kw)
+    return r
+
+
+def test_table_reports_fresh_episode_success():
+    text = learning.table([_result(), _result(task="kv_search", final_fresh_success=None,
+                                              final_fresh_episodes=0)])
+    rows = [l for l in text.splitlines() if l.startswith("| calculator") or l.startswith("| kv_search")]
+    header = [l for l in text.splitlines() if l.startswith("| task")][0]
+    assert "final, fresh episodes" in header
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[3] == "0.900" and cells[4] == "0.875 (n=1,024)" and cells[5] == "0.950"
+    assert [c.strip() for c in rows[1].strip("|").split("|")][4] == "–"
+
+
+@pytest.mark.parametrize("argv", [["--eval_every", "0"], ["--eval_episodes", "0"],
+                                  ["--final_episodes", "-1"]])
+def test_bad_arguments_raise(argv, tmp_path):
+    with pytest.raises(ValueError, match="final_episodes"):
+        learning.main(argv + ["--results_dir", str(tmp_path)])
