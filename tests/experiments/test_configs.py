@@ -76,6 +76,7 @@ def test_recipes():
     assert dr.rl.agg == "seq-mean-token-sum-norm" and dr.rl.kl_coef == 0.0
     grpo = _get("kv_search_grpo")
     assert (grpo.rl.agg, grpo.rl.kl_kind, grpo.rl.kl_coef) == ("seq-mean-token-mean", "k3", 0.04)
+    assert grpo.rollout.temperature == 0.5       # sampled success at 1.0 too low to learn from
     ppo = _get("maze_ppo")
     assert dict(ppo.rl.advantage_kwargs) == {"gamma": 1.0, "lam": 0.95}
     assert ppo.rl.kl_in_reward and ppo.rl.kl_coef == 0.01
