@@ -13,8 +13,8 @@ calculator, maze, ...). For each env:
   (default 32). Oracle trajectories of E·B episodes are generated beforehand with one
   ``jit(vmap)`` + ``lax.scan``: their reset states and the actions of their first T turns.
 * jitted, per timed run, in two batch layouts (``make_rollout``): ONE call of a compiled
-  function that runs ``lax.scan`` over the E episodes, each a ``lax.scan`` over its T turns of ``vmap(env.step)`` on B envs, with the
-  pre-generated action tokens (E·T = K steps per call, as PureJaxRL measures: the Python
+  function that runs ``lax.scan`` over the E episodes, each a ``lax.scan`` over its T turns
+  of ``vmap(env.step)`` on B envs, with the pre-generated action tokens (E·T = K steps per call, as PureJaxRL measures: the Python
   dispatch of one call is spread over K steps instead of being what is measured). Every
   TimeStep (observation, reward, flags, info) is an output, as a rollout keeps them; the
   result is blocked on. Batch-major is ``vmap(env.step)`` (states ``[B, ...]``); batch-minor is
@@ -137,17 +137,16 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def time_side_by_side(env, twin_cls, s0, acts, runs: int,
-                      layouts=LAYOUTS) -> dict[str, tuple[float, float]]:
+def time_side_by_side(env, twin_cls, s0, acts, runs: int) -> dict[str, tuple[float, float]]:
     """{layout | "twin": (median wall s, median process CPU s)} of the same B x E x T steps.
 
-    s0: reset states [E, B, ...] (numpy), acts: [E, T, B, L]; each layout of ``layouts`` is a
+    s0: reset states [E, B, ...] (numpy), acts: [E, T, B, L]; each of ``LAYOUTS`` is a
     jitted side (``make_rollout``, inputs moved to its layout before timing). The runs
     alternate (major, minor, twin, major, ...) so that all sides see the same machine load.
     """
     E, T, B = acts.shape[:3]
     jitted = {}
-    for layout in layouts:
+    for layout in LAYOUTS:
         rollout = make_rollout(env, layout)
         dev_in = jax.device_put(to_layout(s0, acts, layout))
         jax.block_until_ready(rollout(*dev_in))               # compile + warm up

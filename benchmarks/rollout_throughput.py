@@ -294,7 +294,7 @@ def matmul_shapes(params, cfg) -> list[tuple[str, int, int]]:
     return out
 
 
-def roofline_case(kind: str, env: Env, params, cfg, batch: int, runs: int) -> dict[str, float]:
+def roofline_case(env: Env, params, cfg, batch: int, runs: int) -> dict[str, float]:
     """Matmul-only ceiling of a rollout: the seconds its weight matmuls take alone at the
     rollout's shapes (prompt prefill over B·obs_len rows, K·A decode steps over B rows, K−1
     observation prefills over B·obs_len rows), and the generated tok/s that time would allow.
@@ -400,7 +400,7 @@ def _run(args) -> list[dict[str, Any]]:
                 profiles.append((kind, b, p))
                 print(format_profile(kind, b, p), flush=True)
             if args.roofline:
-                rf = roofline_case(kind, env, params, cfg, b, max(args.runs, 5))
+                rf = roofline_case(env, params, cfg, b, max(args.runs, 5))
                 roofs.append((kind, b, rf, r))
                 print(format_roofline(kind, b, rf, r), flush=True)
     by = {(r["kind"], r["batch"]): r for r in results}

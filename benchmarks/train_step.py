@@ -112,7 +112,7 @@ def make_step(policy, value_model, optimizer, kl_coef: float = 0.05, value_coef:
     return step
 
 
-def roofline(params, cfg, tokens: int, step_s: float, peak: float, runs: int) -> dict:
+def roofline(params, cfg, tokens: int, peak: float, runs: int) -> dict:
     """Time every weight matmul of the step alone: per weight [K, N] of policy and value, the
     forward ``[BT, K]@[K, N]``, the input gradient ``[BT, N]@[N, K]`` and the weight gradient
     ``[K, BT]@[BT, N]`` (``benchmarks.common.matmuls_seconds``). Returns their seconds, their
@@ -268,7 +268,7 @@ def main(argv=None) -> dict[str, Any]:
           f"{common.machine_note()}", flush=True)
     print(f"train_step: {r['tok_s']:.0f} tok/s, {r['mfu']:.1f}% MFU", flush=True)
     if args.roofline:
-        r.update(roofline(params, cfg, tokens, t, peak, args.runs))
+        r.update(roofline(params, cfg, tokens, peak, args.runs))
         print(f"train_step roofline: weight matmuls alone {r['matmul_s']:.3f} s of the {t:.3f} s "
               f"step ({100 * r['matmul_s'] / t:.0f}%), at {r['matmul_gflops']:.0f} GFLOP/s "
               f"({100 * r['matmul_gflops'] * 1e9 / peak:.0f}% of peak) -> MFU ceiling "

@@ -26,6 +26,8 @@ class ConfigError(ValueError):
 GROUP_RELATIVE = frozenset({"grpo", "dr_grpo", "rloo", "gigpo", "reinforce_pp_baseline", "dapo"})
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
+#: ``config.optim.decay`` values (read by ``rl_agents.trainer.lr_schedule``).
+LR_DECAYS = ("constant", "cosine", "linear")
 REQUIRED = ("seed", "total_updates", "eval_every", "checkpoint_every", "mesh.data", "mesh.fsdp",
             "mesh.tensor")
 
@@ -203,8 +205,8 @@ def check_optim(config, ctx):
     if lr is not _MISSING and (not _is_num(lr) or not math.isfinite(float(lr)) or float(lr) <= 0):
         return f"config.optim.lr must be > 0, got {lr!r}"
     decay = _get(config, "optim.decay")
-    if decay is not _MISSING and decay not in ("constant", "cosine", "linear"):
-        return f"config.optim.decay = {decay!r} is not one of constant, cosine, linear"
+    if decay is not _MISSING and decay not in LR_DECAYS:
+        return f"config.optim.decay = {decay!r} is not one of {', '.join(LR_DECAYS)}"
     frac = _get(config, "optim.final_lr_fraction")
     if frac is not _MISSING and (not _is_num(frac) or not 0.0 <= float(frac) <= 1.0):
         return f"config.optim.final_lr_fraction must be in [0, 1], got {frac!r}"

@@ -57,7 +57,7 @@ from rl_agents import bc as bc_lib
 from rl_agents import dapo, losses
 from rl_agents.advantages import broadcast_turns, masked_gae, masked_whiten, per_turn_sum
 from rl_agents.rollout import Trajectory
-from rl_agents.trainer import TrainState, Trainer, episode_metrics, minibatch_epochs
+from rl_agents.trainer import TrainState, Trainer, episode_metrics
 
 
 # ============================================================================================
@@ -416,10 +416,8 @@ class ArcherTrainer(Trainer):
                      old_logp=traj.behaviour_logp, advantages=adv)
         if ref_logp is not None:
             batch["ref_logp"] = ref_logp
-        policy, opt_state, metrics = minibatch_epochs(
-            self.actor_loss_fn, self.optimizer, state.params["policy"], state.opt_state, batch,
-            k_perm, epochs=rl.epochs, minibatches=rl.minibatches, batch_size=self.batch_size,
-            target_kl=float(rl.get("target_kl", 0.0)))
+        policy, opt_state, metrics = self._optimize(self.actor_loss_fn, state.params["policy"],
+                                                    state.opt_state, batch, k_perm)
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics.update(jax.tree.map(jnp.mean, critic_metrics))
         tv = traj.turn_valid

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 import envs
 import models
 from envs import vocab
+from experiments.validation import LR_DECAYS
 from rl_agents import bc as bc_lib
 from rl_agents import dapo, losses
 from rl_agents import process_rewards as process_lib
@@ -379,17 +380,22 @@ class Trainer:
         metrics["loss"] = total
         return total, metrics
 
-    def _update(self, state: TrainState):
+    def _optimize(self, loss_fn, params, opt_state, batch: dict, key):
+        """``minibatch_epochs`` of ``loss_fn`` with this run's optimizer, ``config.rl.epochs`` /
+        ``minibatches`` / ``target_kl`` and batch size."""
         rl = self.config.rl
+        return minibatch_epochs(loss_fn, self.optimizer, params, opt_state, batch, key,
+                                epochs=rl.epochs, minibatches=rl.minibatches,
+                                batch_size=self.batch_size, target_kl=float(rl.get("target_kl", 0.0)))
+
+    def _update(self, state: TrainState):
         key, k_roll, k_perm = jax.random.split(state.key, 3)
         traj, row_weight = self._collect(state.params["policy"], k_roll)
         env_traj = traj
         traj, prm, reward_metrics = self._reward_transform(state, traj, row_weight)
         batch = self._prepare(state, traj, row_weight)
-        params, opt_state, metrics = minibatch_epochs(
-            self.loss_fn, self.optimizer, state.params, state.opt_state, batch, k_perm,
-            epochs=rl.epochs, minibatches=rl.minibatches, batch_size=self.batch_size,
-            target_kl=float(rl.get("target_kl", 0.0)))
+        params, opt_state, metrics = self._optimize(self.loss_fn, state.params, state.opt_state,
+                                                    batch, k_perm)
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics.update(episode_metrics(env_traj, "rollout"))    # env returns, not the learned ones
         metrics.update(reward_metrics)
@@ -404,9 +410,6 @@ class Trainer:
         traj = rollout(self.env, self.policy, policy_params, key, num_groups=episodes,
                        group_size=1, sampling=sampling)
         return episode_metrics(traj, "eval"), traj
-
-
-LR_DECAYS = ("constant", "cosine", "linear")
 
 
 def lr_schedule(optim, total_steps: int):
