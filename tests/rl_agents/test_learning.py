@@ -1,12 +1,12 @@
-"""Learning regression test (slow): PPO must improve on a noisy-BC start on ``guess_number``.
+"""Learning regression tests (slow): RL must improve on a noisy-BC start.
 
-A lower bar than the learning benchmark (``benchmarks/learning.py``, README table), chosen to
-be robust to float differences between CPUs: from a BC warm start on ε = 0.4 noisy oracle
-demos, 60 PPO updates (the ``guess_number_ppo`` recipe) raise the *sampled* success rate (what
-the policy gradient optimises) by ≥ 25 points over the first update's, to ≥ 45%, and greedy
-success does not fall below the BC start by more than 10 points. (Greedy success itself is
-noisy from one evaluation to the next in the benchmark curves, ±0.15.) About 2–3 minutes on a
-2-core CPU; the budget is fixed in updates, never asserted in seconds.
+The issue's bar for CI is "one task to ≥ 80% greedy success in < 3 minutes": PPO on 2-hop
+``kv_search`` from a BC warm start on ε = 0.6 noisy oracle demos (3 BC epochs: greedy ≈ 0.67,
+sampled ≈ 0.02) reaches ≥ 80% greedy success within 40 updates (0.996 at update 30 and 1.000
+from update 40 in the learning benchmark, ``benchmarks/results/learning_s4``; ≈ 1.5 minutes
+on a 2-core CPU). The budget is fixed in updates, never asserted in seconds. Lower than the
+benchmark's 95% so that float differences between CPUs (which move the BC start) do not
+flip the test; the sampled success must also rise by ≥ 25 points.
 """
 import jax
 import pytest
@@ -14,7 +14,7 @@ import pytest
 from benchmarks.learning import load_config
 from rl_agents.trainer import Trainer
 
-UPDATES = 60
+UPDATES = 40
 
 
 def greedy_success(trainer, params, episodes=256):
@@ -35,14 +35,18 @@ def train_from_bc(trainer, updates: int):
 
 
 @pytest.mark.slow
-def test_ppo_beats_noisy_bc_on_guess_number():
-    c = load_config("guess_number", "ppo")
-    c.bc.epsilon = 0.4
+def test_ppo_reaches_80_percent_on_kv_search_from_noisy_bc():
+    """The learning benchmark's kv_search PPO settings (README learning table (d)), 40 updates."""
+    c = load_config("kv_search", "ppo")
+    c.bc.epsilon, c.bc.epochs = 0.6, 3
     c.total_updates = UPDATES
+    c.rl.target_kl = 0.02
+    c.optim.decay, c.optim.final_lr_fraction = "cosine", 0.1
     bc, sampled, final = train_from_bc(Trainer(c), UPDATES)
-    late = sum(sampled[-10:]) / 10
-    assert late >= sampled[0] + 0.25 and late >= 0.45, (sampled, bc, final)
-    assert final >= bc - 0.10, (bc, final, sampled)
+    late = sum(sampled[-5:]) / 5
+    assert final >= 0.8, (bc, final, sampled)
+    assert final >= bc, (bc, final, sampled)
+    assert late >= sampled[0] + 0.25, (sampled, bc, final)
 
 
 @pytest.mark.slow
