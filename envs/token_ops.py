@@ -65,6 +65,30 @@ def take2(table, i, j, fill=0) -> jax.Array:
     return jnp.where(inside, picked, jnp.asarray(fill, table.dtype))
 
 
+@jax.custom_batching.custom_vmap
+def _fusion_barrier(v: jax.Array) -> jax.Array:
+    """``v`` (int32), computed by one kernel of its own: ``max`` over the stacked pair
+    ``[v, INT32_MIN]`` along a new LEADING axis. A reduction is never fused into its consumers,
+    so they read the stored value instead of recomputing its producers."""
+    lowest = jnp.full(v.shape, jnp.iinfo(jnp.int32).min, jnp.int32)
+    return jnp.max(jnp.stack([v, lowest]), axis=0)
+
+
+@_fusion_barrier.def_vmap
+def _fusion_barrier_vmap(axis_size, in_batched, v):
+    # vmap's own rules (stack / concatenate move the batch axis to the front) would make the
+    # pair axis the MINOR one: a row reduction of length 2 per env, which XLA:CPU emits as a
+    # scalar loop with the fused producer (the action parse, the look-ups) computed one env at
+    # a time. Here the batch axis goes last and the pair axis first: a reduction over the major
+    # axis, a loop over contiguous envs. Measured A/B at B=1024 (same outputs): calculator
+    # +13-18%, kv_search +4-9% env-steps/s, maze unchanged.
+    del axis_size
+    (batched,) = in_batched
+    if not batched:
+        return _fusion_barrier(v), False
+    return jnp.moveaxis(_fusion_barrier(jnp.moveaxis(v, 0, -1)), -1, 0), True
+
+
 def materialize(*values):
     """Identity on a few small arrays that makes XLA compute them once (a fusion boundary).
 
@@ -72,10 +96,12 @@ def materialize(*values):
     ``vmap`` a parse read by a dozen outputs (state leaves, reward, info) is parsed a dozen
     times, and once per token by each row-shaped output such as the observation. A reduction
     is never fused into its consumers, so the values are packed into one int32 vector ``v`` and
-    returned as ``max(v, INT32_MIN)`` (= ``v``) reduced over a stacked pair: one small kernel
-    that stores them, which the consumers then read. (``lax.optimization_barrier`` is dropped by
-    XLA:CPU before fusion.) Accepts bool, int32, uint32 and float32 arrays (floats and uint32
-    travel as their bit patterns); returns a tuple of the same shapes and dtypes.
+    returned as ``max(v, INT32_MIN)`` (= ``v``) reduced over a stacked pair (``_fusion_barrier``,
+    whose vmap rule keeps the reduction over the major axis so that it vectorizes over the
+    batch): one small kernel that stores them, which the consumers then read.
+    (``lax.optimization_barrier`` is dropped by XLA:CPU before fusion.) Accepts bool, int32,
+    uint32 and float32 arrays (floats and uint32 travel as their bit patterns); returns a tuple
+    of the same shapes and dtypes.
     """
     arrs = [jnp.asarray(v) for v in values]
     if not arrs:
@@ -91,9 +117,7 @@ def materialize(*values):
         else:
             raise ValueError(f"materialize: value {i} has dtype {a.dtype}; "
                              f"expected bool, int32, uint32 or float32")
-    v = jnp.concatenate(packed)
-    lowest = jnp.full(v.shape, jnp.iinfo(jnp.int32).min, jnp.int32)
-    v = jnp.max(jnp.stack([v, lowest]), axis=0)
+    v = _fusion_barrier(packed[0] if len(packed) == 1 else jnp.concatenate(packed))
     out, o = [], 0
     for a in arrs:
         part = v[o:o + a.size].reshape(a.shape)

@@ -308,3 +308,30 @@ def test_materialize_small_round_trip_against_reference():
         T.materialize_small([(1, 20), (1, 12)])
     with pytest.raises(ValueError, match="bits"):
         T.materialize_small([(1, 0)])
+
+
+def test_materialize_vmap_rule_any_batch_axis_nested_and_unbatched():
+    """``materialize``'s custom vmap rule (the pair reduction over the major axis) is the
+    identity whatever the batch axis (0 or last), under nested vmap, with an unbatched argument
+    (in_axes=None), under jit and inside lax.scan, and keeps the reduction over the leading axis
+    in the lowered program."""
+    x = RNG.integers(-2 ** 31, 2 ** 31 - 1, (5, 3, 7)).astype(np.int32)
+    f = lambda v: T.materialize(v, v > 0)
+    for in_axes in (0, -1, 1):
+        out = jax.jit(jax.vmap(f, in_axes=in_axes, out_axes=in_axes))(x)
+        assert np.array_equal(np.asarray(out[0]), x) and np.array_equal(np.asarray(out[1]), x > 0)
+    nested = jax.jit(jax.vmap(jax.vmap(f, in_axes=-1, out_axes=-1)))(x)
+    assert np.array_equal(np.asarray(nested[0]), x)
+    unbatched = jax.vmap(lambda a, b: T.materialize(a, b), in_axes=(None, 0))(x[0], x)
+    assert np.array_equal(np.asarray(unbatched[0]), np.broadcast_to(x[0], x.shape))
+    assert np.array_equal(np.asarray(unbatched[1]), x)
+
+    def body(c, v):
+        (m,) = T.materialize(v + c)
+        return c + 1, m
+    _, scanned = jax.jit(lambda xs: jax.lax.scan(jax.vmap(body, in_axes=(None, -1), out_axes=(None, -1)),
+                                                 jnp.int32(0), xs))(x)
+    assert np.array_equal(np.asarray(scanned), x + np.arange(5, dtype=np.int32)[:, None, None])
+    # the batch (7) stays the minor axis and the pair axis (2) is the reduced leading one
+    hlo = jax.jit(jax.vmap(lambda v: T.materialize(v), in_axes=-1, out_axes=-1)).lower(x[0]).as_text()
+    assert "across dimensions = [0] : (tensor<2x3x7xi32>" in hlo, hlo
