@@ -117,7 +117,7 @@ def materialize(*values):
         else:
             raise ValueError(f"materialize: value {i} has dtype {a.dtype}; "
                              f"expected bool, int32, uint32 or float32")
-    v = _fusion_barrier(packed[0] if len(packed) == 1 else jnp.concatenate(packed))
+    v = _fusion_barrier(jnp.concatenate(packed))
     out, o = [], 0
     for a in arrs:
         part = v[o:o + a.size].reshape(a.shape)
