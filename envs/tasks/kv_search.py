@@ -45,6 +45,8 @@ from envs import vocab
 from envs.base import Env, TimeStep, finish_step
 
 N_CODES = 26 * 10  # entity codes: letter * 10 + digit
+#: tables of at most this many entries are read by select chains (``T.take(select=True)``)
+SELECT_MAX = 32
 
 
 @struct.dataclass
@@ -120,11 +122,14 @@ class KvSearchEnv(Env):
 
     def entity_tokens(self, state, idx):
         """Entity index -> int32 [2] (letter token, digit token)."""
-        code = T.take(state.ent_codes, jnp.clip(idx, 0, self.n_entities - 1))
+        code = T.take(state.ent_codes, jnp.clip(idx, 0, self.n_entities - 1),
+                      select=self.n_entities <= SELECT_MAX)
         return jnp.stack([T.letter_token(code // 10), T.digit_token(code % 10)])
 
     def relation_token(self, state, idx):
-        return T.letter_token(T.take(state.rel_letters, jnp.clip(idx, 0, self.n_relations - 1)))
+        return T.letter_token(
+            T.take(state.rel_letters, jnp.clip(idx, 0, self.n_relations - 1),
+                   select=self.n_relations <= SELECT_MAX))
 
     # ------------------------------------------------------------------ API
     def reset(self, key):
@@ -196,12 +201,15 @@ class KvSearchEnv(Env):
         rel = jnp.where(rel_known, rel, 0)
         t = jnp.clip(state.turn, 0, self.max_turns - 1)
         h = jnp.clip(state.hop, 0, self.hops - 1)
-        # the gathers, once: the fact's object, this turn's noise, the next chain link
+        # the look-ups, once: the fact's object (a gather), this turn's noise and the next chain
+        # link (select chains over tables of <= SELECT_MAX entries: T.take(select=True))
         ne = self.n_entities.bit_length()           # obj + 1 in [0, n_entities], offset < n_entities
+        small_t = self.max_turns <= SELECT_MAX
         obj, flip, offset, link, last = T.materialize_small([
             (jnp.where(ent_known & rel_known, T.take2(state.table, ent, rel, -1), -1) + 1, ne),
-            (T.take(state.noise_flip, t), 1), (T.take(state.noise_obj, t), ne),
-            ((ent == T.take(state.chain, h)) & (rel == T.take(state.chain_rels, h)), 1),
+            (T.take(state.noise_flip, t, select=small_t), 1), (T.take(state.noise_obj, t, select=small_t), ne),
+            ((ent == T.take(state.chain, h, select=True))
+             & (rel == T.take(state.chain_rels, h, select=True)), 1),
             (ent == state.chain[self.hops], 1)])
         obj = obj - 1
         found = obj >= 0

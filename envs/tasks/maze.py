@@ -237,14 +237,32 @@ class MazeEnv(Env):
                       info=self._info(False, False, False, dist[start[0], start[1]]))
         return state, ts
 
-    def _blocked_at(self, walls, r, c):
+    def _wall_bits(self, walls):
+        """The walls as one int32 bit mask (bit r * size + c), or None when the grid has more
+        than 31 cells (then look-ups gather from the table)."""
+        if self.size * self.size > 31:
+            return None
+        flat = walls.reshape(-1).astype(jnp.int32)
+        bits = flat[0]
+        for k in range(1, self.size * self.size):
+            bits = bits | (flat[k] << k)
+        return bits
+
+    def _is_wall(self, walls, bits, r, c, inside):
+        """walls[r, c] for an inside cell (any value when not inside): a shift of the bit mask
+        (elementwise under vmap, so vectorized over the batch) or a gather."""
+        if bits is None:
+            return token_ops.take2(walls, r, c, True)
+        return ((bits >> jnp.where(inside, r * self.size + c, 0)) & 1) == 1
+
+    def _blocked_at(self, walls, r, c, bits=None):
         """bool [4]: the neighbour of (r, c) in direction n, e, s, w is a wall or off the grid
-        (= ``_blocked``, written as four clipped gathers for scalar r, c)."""
+        (= ``_blocked``, written as four look-ups for scalar r, c)."""
         out = []
         for dr, dc in DIR_DELTAS.tolist():
             rr, cc = r + dr, c + dc
             inside = (rr >= 0) & (rr < self.size) & (cc >= 0) & (cc < self.size)
-            out.append(~inside | token_ops.take2(walls, rr, cc, True))
+            out.append(~inside | self._is_wall(walls, bits, rr, cc, inside))
         return jnp.stack(out)
 
     def step(self, state: MazeState, action: jax.Array) -> tuple[MazeState, TimeStep]:
@@ -265,7 +283,8 @@ class MazeEnv(Env):
         r = state.pos[0] + jnp.where(d == 0, -1, jnp.where(d == 2, 1, 0))
         c = state.pos[1] + jnp.where(d == 1, 1, jnp.where(d == 3, -1, 0))
         inside = (r >= 0) & (r < self.size) & (c >= 0) & (c < self.size)
-        blocked = ~inside | token_ops.take2(state.walls, r, c, True)
+        bits = self._wall_bits(state.walls)
+        blocked = ~inside | self._is_wall(state.walls, bits, r, c, inside)
         moved = fmt_ok & ~blocked
         coord = (self.size - 1).bit_length()
         fmt_ok, illegal, new_r, new_c = token_ops.materialize_small(
@@ -276,13 +295,13 @@ class MazeEnv(Env):
         #    whether it is the goal, and the wall letters (none at the goal) left-packed, as
         #    codes 1..4 for n, e, s, w (0: none); see _observation for the packed row
         at_goal = fmt_ok & ~illegal & (new_r == state.goal[0]) & (new_c == state.goal[1])
-        walls_nesw = self._blocked_at(state.walls, new_r, new_c) & ~at_goal
+        walls_nesw = self._blocked_at(state.walls, new_r, new_c, bits) & ~at_goal
         codes = token_ops.pack_left(jnp.arange(1, 5, dtype=jnp.int32), walls_nesw)
         at_goal, distance, *codes = token_ops.materialize_small(
             [(at_goal, 1), (token_ops.take2(state.dist, new_r, new_c), (self.size ** 2).bit_length())]
             + [(codes[k], 3) for k in range(4)])
         letters = token_ops.take(jnp.asarray([vocab.PAD] + DIR_TOKENS.tolist(), jnp.int32),
-                                 jnp.stack(codes))
+                                 jnp.stack(codes), select=True)
         # the observation (_observation: pack_left of <obs> <no>? <goal>? r , c n? e? s? w?,
         # padded) in closed form: at most one of <no> (bumped) / <goal> (at_goal) is shown
         tail = [vocab.DIGIT_0 + new_r, vocab.COMMA, vocab.DIGIT_0 + new_c, letters]

@@ -220,6 +220,34 @@ def test_take_and_take2():
         T.take2(arr, 0, 0)
 
 
+def test_take_select_chain_equals_gather_random_shapes_fills_and_vmap():
+    """take(select=True) (a select chain) = take(select=False) (a gather) = the NumPy reference,
+    for 1-D and row tables, indices of any shape incl. out of range, bool tables, under vmap
+    (one table and index per env, batch axis first or last); take2 likewise."""
+    for n, tail, dtype in [(1, (), np.int32), (5, (), np.int32), (9, (3,), np.int32), (4, (), bool)]:
+        arr = RNG.integers(-50, 50, (n,) + tail).astype(dtype)
+        idx = RNG.integers(-3, n + 3, (4, 5)).astype(np.int32)
+        fill = True if dtype is bool else -99
+        ref = np.where(((idx >= 0) & (idx < n)).reshape(idx.shape + (1,) * len(tail)),
+                       arr[np.clip(idx, 0, n - 1)], fill)
+        for select in (False, True):
+            got = np.asarray(jax.jit(lambda a, i: T.take(a, i, fill, select=select))(arr, idx))
+            assert got.dtype == arr.dtype and np.array_equal(got, ref), (n, tail, select)
+    tables = RNG.integers(0, 9, (16, 6)).astype(np.int32)       # one table and index per env
+    idx = RNG.integers(-2, 8, 16).astype(np.int32)
+    ref = np.where((idx >= 0) & (idx < 6), tables[np.arange(16), np.clip(idx, 0, 5)], -1)
+    for select in (False, True):
+        f = lambda t, i: T.take(t, i, -1, select=select)        # noqa: E731
+        assert np.array_equal(np.asarray(jax.jit(jax.vmap(f))(tables, idx)), ref)
+        assert np.array_equal(np.asarray(jax.jit(jax.vmap(f, in_axes=(-1, -1)))(tables.T, idx)), ref)
+    mat = RNG.integers(0, 9, (4, 3)).astype(np.int32)
+    ii, jj = np.meshgrid(np.arange(-1, 6), np.arange(-1, 5), indexing="ij")
+    ref = np.where((ii >= 0) & (ii < 4) & (jj >= 0) & (jj < 3), mat[np.clip(ii, 0, 3), np.clip(jj, 0, 2)], -1)
+    for select in (False, True):
+        got = jax.jit(jax.vmap(lambda i, j: T.take2(mat, i, j, -1, select=select)))(ii.ravel(), jj.ravel())
+        assert np.array_equal(np.asarray(got).reshape(ii.shape), ref), select
+
+
 def ref_parse_int(a, start, max_digits):
     neg = 0 <= start < len(a) and a[start] == vocab.MINUS
     v, n, ok = ref_parse_uint(a, start + neg, max_digits)
