@@ -26,6 +26,11 @@ calculator, maze, ...). For each env:
   strings prepared before timing (``vocab.decode`` of the same action tokens). The twin's own
   parsing and formatting are timed, since they are its cost.
 * the timed runs alternate (major, minor, twin, major, ...), so that all sides see the same load.
+* ``--devices N`` (N > 1; needs ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, one
+  host device per core) adds a third jitted side: the batch-minor call with its batch axis
+  sharded over N devices (``NamedSharding``, no communication: every env is independent), so
+  XLA runs N shards on N cores at once. Its ratio compares the whole CPU against the twin's
+  one process; the other columns stay single-device.
 
 Reported: env-steps per second (B·E·T / seconds), the median of ``--runs`` runs, the ratio,
 and the ratio of process CPU seconds (XLA may use several threads, the twin one).
@@ -97,6 +102,15 @@ def episodes_per_call(T: int, steps_per_call: int) -> int:
 LAYOUTS = ("major", "minor")
 
 
+def shard_batch_minor(tree, devices: int):
+    """``device_put`` batch-minor arrays (batch axis last) sharded over the first ``devices``
+    devices along that axis."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.asarray(jax.devices()[:devices]), ("b",))
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, P(*([None] * (np.ndim(x) - 1)), "b"))), tree)
+
+
 def make_rollout(env, layout: str = "major"):
     """jit((reset states, actions) -> TimeSteps) over E episodes x T turns of B envs.
 
@@ -137,12 +151,16 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def time_side_by_side(env, twin_cls, s0, acts, runs: int) -> dict[str, tuple[float, float]]:
-    """{layout | "twin": (median wall s, median process CPU s)} of the same B x E x T steps.
+def time_side_by_side(env, twin_cls, s0, acts, runs: int,
+                      devices: int = 1) -> dict[str, tuple[float, float]]:
+    """{layout | "sharded" | "twin": (median wall s, median process CPU s)} of the same
+    B x E x T steps.
 
     s0: reset states [E, B, ...] (numpy), acts: [E, T, B, L]; each of ``LAYOUTS`` is a
-    jitted side (``make_rollout``, inputs moved to its layout before timing). The runs
-    alternate (major, minor, twin, major, ...) so that all sides see the same machine load.
+    jitted side (``make_rollout``, inputs moved to its layout before timing); with
+    ``devices`` > 1 (and B divisible by it) also "sharded": batch-minor with the batch axis
+    sharded over that many devices (same outputs). The runs alternate (major, minor, ...,
+    twin, major, ...) so that all sides see the same machine load.
     """
     E, T, B = acts.shape[:3]
     jitted = {}
@@ -151,6 +169,15 @@ def time_side_by_side(env, twin_cls, s0, acts, runs: int) -> dict[str, tuple[flo
         dev_in = jax.device_put(to_layout(s0, acts, layout))
         jax.block_until_ready(rollout(*dev_in))               # compile + warm up
         jitted[layout] = (rollout, dev_in)
+    if devices > 1 and B % devices == 0:
+        rollout = make_rollout(env, "minor")
+        dev_in = shard_batch_minor(to_layout(s0, acts, "minor"), devices)
+        out = jax.block_until_ready(rollout(*dev_in))
+        ref = jitted["minor"][0](*jitted["minor"][1])
+        if not all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref))):
+            raise AssertionError(f"{env.name}: the sharded rollout's outputs differ from one device's")
+        jitted["sharded"] = (rollout, dev_in)
     texts = [[[vocab.decode(acts[e, t, i], skip_pad=False) for i in range(B)] for t in range(T)]
              for e in range(E)]
     firsts = [[jax.tree_util.tree_map(lambda x: x[e, i], s0) for i in range(B)] for e in range(E)]
@@ -189,7 +216,15 @@ def main(argv=None) -> str:
     p.add_argument("--steps-per-call", type=int, default=DEFAULT_STEPS_PER_CALL,
                    help="K: env steps per jitted call (whole episodes: ceil(K / T) of them)")
     p.add_argument("--out", default=None, help="append the table to this markdown file")
+    p.add_argument("--devices", type=int, default=1,
+                   help="also time batch-minor sharded over this many host devices (one per core; "
+                        "run with XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     args = p.parse_args(argv)
+    if args.devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {args.devices}")
+    if args.devices > jax.local_device_count():
+        raise ValueError(f"--devices {args.devices} but JAX sees {jax.local_device_count()} device(s); "
+                         f"run with XLA_FLAGS=--xla_force_host_platform_device_count={args.devices}")
     batches = args.batches or ([1, 64, 1024] if args.quick else [1, 64, 1024, 4096])
     runs = args.runs or (3 if args.quick else 5)
     if runs < 3:
@@ -216,6 +251,11 @@ def main(argv=None) -> str:
     header = ["env", "batch", "turns T", "episodes E", "jitted steps/s (batch-major)",
               "jitted steps/s (batch-minor)", "twin steps/s", "major / twin", "minor / twin",
               "CPU ratio"]
+    if args.devices > 1:
+        notes.append(f"sharded: batch-minor with the batch axis sharded over {args.devices} host "
+                     f"devices (one per core; the whole CPU against the twin's one process); "
+                     f"'-' where B is not divisible by {args.devices}")
+        header += [f"jitted steps/s (batch-minor, {args.devices} devices)", "sharded / twin"]
     lines = [title, *[f"  {n}" for n in notes], "",
              "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     print("\n".join(lines), flush=True)
@@ -228,11 +268,14 @@ def main(argv=None) -> str:
         states, acts, _ = oracle_trajectory(env, E * max(batches))
         for B in batches:
             s0, a = batch_inputs(states, acts, B, E, T)
-            t = time_side_by_side(env, twin_cls, s0, a, runs)
+            t = time_side_by_side(env, twin_cls, s0, a, runs, devices=args.devices)
             (jw, _), (mw, mc), (tw, tc) = t["major"], t["minor"], t["twin"]
             n = B * E * T
             row = [name, B, T, E, f"{n / jw:,.0f}", f"{n / mw:,.0f}", f"{n / tw:,.0f}",
                    f"{tw / jw:,.1f}x", f"{tw / mw:,.1f}x", f"{tc / mc:,.1f}x"]
+            if args.devices > 1:
+                sw = t["sharded"][0] if "sharded" in t else None
+                row += [f"{n / sw:,.0f}", f"{tw / sw:,.1f}x"] if sw else ["-", "-"]
             rows.append(row)
             line = "| " + " | ".join(str(c) for c in row) + " |"
             lines.append(line)

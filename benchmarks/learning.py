@@ -41,7 +41,7 @@ def load_config(task: str, algo: str):
 
 def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes: int,
             overrides: dict, seed: int = 0, stop_at: float | None = None,
-            final_episodes: int = 0) -> dict:
+            final_episodes: int = 0, max_updates: int | None = None) -> dict:
     config = load_config(task, algo)
     config.seed = seed
     for k, v in overrides.items():
@@ -66,7 +66,8 @@ def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes
     env_steps = 0
     deadline = t0 + minutes * 60
     update = 0
-    while update < config.total_updates and time.time() < deadline:
+    last = config.total_updates if max_updates is None else min(max_updates, config.total_updates)
+    while update < last and time.time() < deadline:
         state, metrics = trainer.update(state)
         update += 1
         env_steps += int(round(float(metrics["rollout/turns"]) * trainer.batch_size
@@ -140,6 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stop_at", type=float, default=None,
                     help="stop a run once its greedy success reaches this value")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max_updates", type=int, default=None,
+                    help="stop after this many updates (the lr schedule still spans total_updates): "
+                         "the first part of a run, e.g. to compare settings early")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args(argv)
@@ -156,7 +160,8 @@ def main(argv=None) -> int:
     for spec in args.runs.split(","):
         task, algo = spec.split(":")
         r = run_one(task, algo, args.minutes, args.eval_every, args.eval_episodes, overrides,
-                    seed=args.seed, stop_at=args.stop_at, final_episodes=args.final_episodes)
+                    seed=args.seed, stop_at=args.stop_at, final_episodes=args.final_episodes,
+                    max_updates=args.max_updates)
         results.append(r)
         if not args.quick:
             with open(os.path.join(args.results_dir, f"learning_{task}_{algo}.json"), "w") as f:

@@ -35,6 +35,7 @@ from experiments.metrics import MetricsWriter
 from experiments.validation import ConfigError, validate_config
 from rl_agents import losses
 from rl_agents.advantages import estimator_hparams
+from rl_agents.bc import BC_DECAYS
 from rl_agents.algorithms import get_algorithm
 from rl_agents.summarization import make_trainer
 from rl_agents.trainer import Trainer
@@ -139,6 +140,8 @@ def check_config(config, num_devices: int | None = None) -> None:
                               f"{bc.episodes} (no full SFT batch)")
         if not 0.0 <= float(bc.epsilon) <= 1.0:
             raise ConfigError(f"config.bc.epsilon must be in [0, 1], got {bc.epsilon!r}")
+        if bc.get("decay", "constant") not in BC_DECAYS:
+            raise ConfigError(f"config.bc.decay = {bc.decay!r} is not one of {', '.join(BC_DECAYS)}")
 
 
 def build_trainer(config, mesh=None) -> Trainer:

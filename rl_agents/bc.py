@@ -109,14 +109,22 @@ def sft_loss(model, params, tokens, valid, loss_mask):
     return -(logp * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
+BC_DECAYS = ("constant", "cosine")
+
+
 def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch_size: int,
-              lr: float, verbose: bool = False) -> tuple[Any, dict]:
+              lr: float, decay: str = "constant", verbose: bool = False) -> tuple[Any, dict]:
     """Minibatch SFT: ``epochs`` passes, each one jitted ``lax.scan`` over shuffled batches
     (``len // batch_size`` Adam steps on ``sft_loss``, global-norm clip 1; the remainder of each
-    epoch's permutation is dropped). Returns ``(params, {"bc/sft_loss": per-epoch mean loss})``."""
+    epoch's permutation is dropped). ``decay``: "constant" keeps ``lr``; "cosine" anneals it as
+    ``lr_k = lr · ½(1 + cos(π k / K))`` over all K = epochs · steps Adam steps (to 0 at the end,
+    so the result depends less on where the last noisy steps landed). Returns
+    ``(params, {"bc/sft_loss": per-epoch mean loss})``."""
     epochs = _check_pos_int("epochs", epochs)
     batch_size = _check_pos_int("batch_size", batch_size)
     lr = _check_lr("lr", lr)
+    if decay not in BC_DECAYS:
+        raise ValueError(f"bc decay must be one of {list(BC_DECAYS)}, got {decay!r}")
     missing = [c for c in ("tokens", "valid", "loss_mask") if c not in arrays]
     if missing:
         raise ValueError(f"sft arrays lack {missing}; expected tokens, valid, loss_mask")
@@ -127,6 +135,8 @@ def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch
     if n < batch_size:
         raise ValueError(f"bc batch_size={batch_size} exceeds the {n} demonstration episodes")
     steps = n // batch_size
+    if decay == "cosine" and not callable(lr):
+        lr = optax.cosine_decay_schedule(lr, epochs * steps)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
     data = {k: jnp.asarray(arrays[k]) for k in ("tokens", "valid", "loss_mask")}
 
@@ -164,6 +174,9 @@ def warm_start(env: Env, model, params, key: jax.Array, bc_cfg, verbose: bool = 
     _check_pos_int("bc.epochs", bc_cfg.epochs)
     batch_size = _check_pos_int("bc.batch_size", bc_cfg.batch_size)
     _check_lr("bc.lr", bc_cfg.lr)
+    decay = getattr(bc_cfg, "decay", "constant")
+    if decay not in BC_DECAYS:
+        raise ValueError(f"bc.decay must be one of {list(BC_DECAYS)}, got {decay!r}")
     if batch_size > episodes:
         raise ValueError(f"bc.batch_size={batch_size} exceeds bc.episodes={episodes} (no full SFT batch)")
     k_demo, k_sft = jax.random.split(key)
@@ -175,7 +188,7 @@ def warm_start(env: Env, model, params, key: jax.Array, bc_cfg, verbose: bool = 
         print(f"[bc] {len(ds)} demonstration episodes (ε={bc_cfg.epsilon}, demo success "
               f"{float(demos.success.mean()):.3f})", file=sys.stderr, flush=True)
     return sft_train(model, params, dataset_arrays(ds), k_sft, epochs=bc_cfg.epochs,
-                     batch_size=bc_cfg.batch_size, lr=bc_cfg.lr, verbose=verbose)
+                     batch_size=bc_cfg.batch_size, lr=bc_cfg.lr, decay=decay, verbose=verbose)
 
 
 def raft_select(traj: Trajectory, group_size: int) -> jax.Array:

@@ -523,7 +523,7 @@ def supo_warm_start(env: Env, model, params, key: jax.Array, bc_cfg, cfg: SupoCo
                          "demo succeeded?)")
     return bc_lib.sft_train(model, params, arrays, k_sft, epochs=bc_cfg.epochs,
                             batch_size=min(bc_cfg.batch_size, len(arrays["tokens"])), lr=bc_cfg.lr,
-                            verbose=verbose)
+                            decay=getattr(bc_cfg, "decay", "constant"), verbose=verbose)
 
 
 # ============================================================================================

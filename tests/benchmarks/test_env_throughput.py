@@ -63,9 +63,26 @@ def test_quick_table(capsys):
     assert "lax.scan over E episodes" in capsys.readouterr().out
 
 
+def test_sharded_column_checks_outputs_and_skips_indivisible_batches():
+    """--devices 2: a sharded batch-minor side (its outputs are checked against one device's
+    inside time_side_by_side) with its own steps/s and ratio; '-' where B is odd."""
+    assert jax.local_device_count() >= 2          # tests/conftest.py: 8 host devices
+    out = B.main(["--envs", "kv_search", "--batches", "1", "4", "--runs", "3",
+                  "--steps-per-call", "4", "--devices", "2"])
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in out.splitlines()
+            if l.startswith("| kv_search")]
+    assert [r[1] for r in rows] == ["1", "4"] and all(len(r) == 12 for r in rows)
+    assert rows[0][10:] == ["-", "-"]
+    assert float(rows[1][10].replace(",", "")) > 0 and rows[1][11].endswith("x")
+    s0 = B.shard_batch_minor({"x": np.zeros((2, 3, 4), np.int32)}, 2)["x"]
+    assert len(s0.sharding.device_set) == 2 and s0.addressable_shards[0].data.shape == (2, 3, 2)
+
+
 @pytest.mark.parametrize("argv,match", [(["--runs", "2"], "runs"), (["--batches", "0"], "batches"),
                                         (["--envs", "nope"], "no twin"),
-                                        (["--steps-per-call", "0"], "steps-per-call")])
+                                        (["--steps-per-call", "0"], "steps-per-call"),
+                                        (["--devices", "0"], "devices"),
+                                        (["--devices", "64"], "xla_force_host_platform_device_count")])
 def test_bad_arguments_raise(argv, match):
     with pytest.raises(ValueError, match=match):
         B.main(argv)

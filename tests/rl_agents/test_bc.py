@@ -392,6 +392,27 @@ def test_sft_train_learns_guess_number(gn, half_trained, trained, greedy_success
     assert after >= 0.8, (before, after, hist)
 
 
+def test_sft_train_cosine_decay_is_the_half_cosine_schedule(gn, gn_demos):
+    """decay="cosine": lr_k = lr · ½(1 + cos(π k / K)) over all K = epochs · steps Adam steps —
+    the same parameters as a hand-written schedule, and different ones from constant lr."""
+    env, model, params = gn
+    n, lr, epochs, bs = 16, 3e-3, 3, 4
+    arrays = {c: np.asarray(getattr(gn_demos, c))[:n] for c in ("tokens", "valid", "loss_mask")}
+    K = epochs * (n // bs)
+    key = jax.random.PRNGKey(5)
+    cos, _ = bc.sft_train(model, params, arrays, key, epochs=epochs, batch_size=bs, lr=lr,
+                          decay="cosine")
+    ref, _ = bc.sft_train(model, params, arrays, key, epochs=epochs, batch_size=bs,
+                          lr=lambda k: lr * 0.5 * (1 + jnp.cos(jnp.pi * k / K)))
+    const, _ = bc.sft_train(model, params, arrays, key, epochs=epochs, batch_size=bs, lr=lr)
+    for a, b, c in zip(jax.tree.leaves(cos), jax.tree.leaves(ref), jax.tree.leaves(const)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    diff = max(float(jnp.abs(a - c).max()) for a, c in zip(jax.tree.leaves(cos), jax.tree.leaves(const)))
+    assert diff > 1e-4, diff
+    with pytest.raises(ValueError, match="decay"):
+        bc.sft_train(model, params, arrays, key, epochs=1, batch_size=bs, lr=lr, decay="linear")
+
+
 def test_sft_train_validates(gn):
     env, model, params = gn
     arrays = dict(tokens=np.zeros((4, 9), np.int32), valid=np.ones((4, 9), bool),
@@ -487,7 +508,8 @@ def bc_cfg(**kw):
 
 @pytest.mark.parametrize("field,value", [
     ("episodes", 0), ("episodes", -4), ("epsilon", -0.01), ("epsilon", 1.2), ("epsilon", float("nan")),
-    ("epochs", 0), ("batch_size", 0), ("batch_size", 33), ("lr", 0.0), ("lr", -1e-3), ("lr", float("nan"))])
+    ("epochs", 0), ("batch_size", 0), ("batch_size", 33), ("lr", 0.0), ("lr", -1e-3), ("lr", float("nan")),
+    ("decay", "linear")])
 def test_warm_start_rejects_bad_config(gn, field, value, monkeypatch):
     env, model, params = gn
 
@@ -526,10 +548,12 @@ def test_warm_start_is_collect_filter_sft(gn, noisy_demos, monkeypatch):
     succ = np.asarray(demos.success)
     assert 0.05 < succ.mean() < 0.5
     arrays, k_sft, kw = calls["sft"]
-    assert kw == dict(epochs=2, batch_size=8, lr=1e-2, verbose=False)
+    assert kw == dict(epochs=2, batch_size=8, lr=1e-2, decay="constant", verbose=False)
     np.testing.assert_array_equal(np.asarray(k_sft), np.asarray(k2))
     for c in bc.DATASET_COLUMNS:      # exactly the successful demos, in order
         np.testing.assert_array_equal(arrays[c], np.asarray(getattr(demos, c))[succ], err_msg=c)
     assert len(metrics["bc/sft_loss"]) == 2 and metrics["bc/sft_loss"][1] < metrics["bc/sft_loss"][0]
     assert any(not np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)))
+    bc.warm_start(env, model, params, NOISY_KEY, bc_cfg(**{**vars(cfg), "decay": "cosine"}))
+    assert calls["sft"][2]["decay"] == "cosine"          # bc.decay reaches sft_train
