@@ -152,6 +152,8 @@ def main(argv=None) -> int:
         overrides.update({"bc.episodes": "128", "bc.epochs": "1", "total_updates": "2",
                           "model.d_model": "32", "model.d_ff": "64", "model.n_layers": "1"})
         args.eval_every, args.eval_episodes, args.final_episodes = 1, 16, 16
+    if args.max_updates is not None and args.max_updates < 1:
+        raise ValueError(f"--max_updates must be >= 1, got {args.max_updates}")
     if args.eval_every < 1 or args.eval_episodes < 1 or args.final_episodes < 0:
         raise ValueError(f"--eval_every and --eval_episodes must be >= 1 and --final_episodes >= 0, "
                          f"got {args.eval_every}, {args.eval_episodes}, {args.final_episodes}")

@@ -117,8 +117,8 @@ def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch
     """Minibatch SFT: ``epochs`` passes, each one jitted ``lax.scan`` over shuffled batches
     (``len // batch_size`` Adam steps on ``sft_loss``, global-norm clip 1; the remainder of each
     epoch's permutation is dropped). ``decay``: "constant" keeps ``lr``; "cosine" anneals it as
-    ``lr_k = lr · ½(1 + cos(π k / K))`` over all K = epochs · steps Adam steps (to 0 at the end,
-    so the result depends less on where the last noisy steps landed). Returns
+    ``lr_k = lr · ½(1 + cos(π k / K))`` over all K = epochs · steps Adam steps (to 0 at the end;
+    ``lr`` must then be a number, not a schedule). Returns
     ``(params, {"bc/sft_loss": per-epoch mean loss})``."""
     epochs = _check_pos_int("epochs", epochs)
     batch_size = _check_pos_int("batch_size", batch_size)
@@ -135,7 +135,9 @@ def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch
     if n < batch_size:
         raise ValueError(f"bc batch_size={batch_size} exceeds the {n} demonstration episodes")
     steps = n // batch_size
-    if decay == "cosine" and not callable(lr):
+    if decay == "cosine":
+        if callable(lr):
+            raise ValueError("bc decay='cosine' needs a number lr, got a schedule")
         lr = optax.cosine_decay_schedule(lr, epochs * steps)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
     data = {k: jnp.asarray(arrays[k]) for k in ("tokens", "valid", "loss_mask")}

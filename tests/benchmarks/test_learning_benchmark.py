@@ -28,3 +28,14 @@ def test_table_reports_fresh_episode_success():
 def test_bad_arguments_raise(argv, tmp_path):
     with pytest.raises(ValueError, match="final_episodes"):
         learning.main(argv + ["--results_dir", str(tmp_path)])
+
+
+def test_max_updates_stops_early_with_the_schedule_of_total_updates(tmp_path):
+    """--max_updates 1 of total_updates 3: one update, curve [BC, update 1]; a bad value raises."""
+    quick = {"bc.episodes": "64", "bc.epochs": "1", "total_updates": "3", "model.d_model": "32",
+             "model.d_ff": "64", "model.n_layers": "1", "rollout.eval_episodes": "8"}
+    r = learning.run_one("guess_number", "grpo", minutes=5, eval_every=1, eval_episodes=8,
+                         overrides=quick, max_updates=1)
+    assert r["updates"] == 1 and [p["update"] for p in r["curve"]] == [0, 1]
+    with pytest.raises(ValueError, match="max_updates"):
+        learning.main(["--max_updates", "0", "--results_dir", str(tmp_path)])

@@ -411,6 +411,8 @@ def test_sft_train_cosine_decay_is_the_half_cosine_schedule(gn, gn_demos):
     assert diff > 1e-4, diff
     with pytest.raises(ValueError, match="decay"):
         bc.sft_train(model, params, arrays, key, epochs=1, batch_size=bs, lr=lr, decay="linear")
+    with pytest.raises(ValueError, match="number lr"):
+        bc.sft_train(model, params, arrays, key, epochs=1, batch_size=bs, lr=lambda k: lr, decay="cosine")
 
 
 def test_sft_train_validates(gn):
