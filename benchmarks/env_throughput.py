@@ -163,19 +163,19 @@ def time_side_by_side(env, twin_cls, s0, acts, runs: int,
     twin, major, ...) so that all sides see the same machine load.
     """
     E, T, B = acts.shape[:3]
-    jitted = {}
+    jitted, warm = {}, {}
     for layout in LAYOUTS:
         rollout = make_rollout(env, layout)
         dev_in = jax.device_put(to_layout(s0, acts, layout))
-        jax.block_until_ready(rollout(*dev_in))               # compile + warm up
+        warm[layout] = jax.block_until_ready(rollout(*dev_in))   # compile + warm up
         jitted[layout] = (rollout, dev_in)
     if devices > 1 and B % devices == 0:
-        rollout = make_rollout(env, "minor")
+        rollout = jitted["minor"][0]                  # the same function, on sharded inputs
         dev_in = shard_batch_minor(to_layout(s0, acts, "minor"), devices)
         out = jax.block_until_ready(rollout(*dev_in))
-        ref = jitted["minor"][0](*jitted["minor"][1])
         if not all(np.array_equal(np.asarray(a), np.asarray(b))
-                   for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref))):
+                   for a, b in zip(jax.tree_util.tree_leaves(out),
+                                   jax.tree_util.tree_leaves(warm["minor"]))):
             raise AssertionError(f"{env.name}: the sharded rollout's outputs differ from one device's")
         jitted["sharded"] = (rollout, dev_in)
     texts = [[[vocab.decode(acts[e, t, i], skip_pad=False) for i in range(B)] for t in range(T)]

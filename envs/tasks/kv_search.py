@@ -49,6 +49,11 @@ N_CODES = 26 * 10  # entity codes: letter * 10 + digit
 SELECT_MAX = 32
 
 
+def _take_small(table, idx):
+    """``T.take(table, idx)``, as a select chain when the table has <= ``SELECT_MAX`` rows."""
+    return T.take(table, idx, select=table.shape[0] <= SELECT_MAX)
+
+
 @struct.dataclass
 class KvSearchState:
     key: jax.Array
@@ -122,14 +127,11 @@ class KvSearchEnv(Env):
 
     def entity_tokens(self, state, idx):
         """Entity index -> int32 [2] (letter token, digit token)."""
-        code = T.take(state.ent_codes, jnp.clip(idx, 0, self.n_entities - 1),
-                      select=self.n_entities <= SELECT_MAX)
+        code = _take_small(state.ent_codes, jnp.clip(idx, 0, self.n_entities - 1))
         return jnp.stack([T.letter_token(code // 10), T.digit_token(code % 10)])
 
     def relation_token(self, state, idx):
-        return T.letter_token(
-            T.take(state.rel_letters, jnp.clip(idx, 0, self.n_relations - 1),
-                   select=self.n_relations <= SELECT_MAX))
+        return T.letter_token(_take_small(state.rel_letters, jnp.clip(idx, 0, self.n_relations - 1)))
 
     # ------------------------------------------------------------------ API
     def reset(self, key):
@@ -202,14 +204,12 @@ class KvSearchEnv(Env):
         t = jnp.clip(state.turn, 0, self.max_turns - 1)
         h = jnp.clip(state.hop, 0, self.hops - 1)
         # the look-ups, once: the fact's object (a gather), this turn's noise and the next chain
-        # link (select chains over tables of <= SELECT_MAX entries: T.take(select=True))
+        # link (select chains over tables of <= SELECT_MAX entries: _take_small)
         ne = self.n_entities.bit_length()           # obj + 1 in [0, n_entities], offset < n_entities
-        small_t = self.max_turns <= SELECT_MAX
         obj, flip, offset, link, last = T.materialize_small([
             (jnp.where(ent_known & rel_known, T.take2(state.table, ent, rel, -1), -1) + 1, ne),
-            (T.take(state.noise_flip, t, select=small_t), 1), (T.take(state.noise_obj, t, select=small_t), ne),
-            ((ent == T.take(state.chain, h, select=True))
-             & (rel == T.take(state.chain_rels, h, select=True)), 1),
+            (_take_small(state.noise_flip, t), 1), (_take_small(state.noise_obj, t), ne),
+            ((ent == _take_small(state.chain, h)) & (rel == _take_small(state.chain_rels, h)), 1),
             (ent == state.chain[self.hops], 1)])
         obj = obj - 1
         found = obj >= 0
