@@ -26,6 +26,17 @@ calculator, maze, ...). For each env:
   strings prepared before timing (``vocab.decode`` of the same action tokens). The twin's own
   parsing and formatting are timed, since they are its cost.
 * the timed runs alternate (major, minor, twin, major, ...), so that all sides see the same load.
+* ``--cpus K`` (default 1): before JAX starts, the process is pinned to K of its allowed CPUs
+  (``os.sched_setaffinity``), so XLA:CPU's intra-op thread pool has K threads and the twin runs
+  on the same CPUs: one core against one core. With more threads XLA splits every small
+  per-step kernel across them, and the synchronisation costs more than it saves at these sizes
+  (measured at B=1024 on the 2-core VM: pinned to one core, 1.3-1.8x the env-steps/s of the
+  default 2-thread pool). ``--cpus all`` leaves the affinity and the pool as they are.
+* ``--vector-width`` (default ``auto``): XLA:CPU's preferred SIMD width for the jitted side,
+  set through ``XLA_FLAGS=--xla_cpu_prefer_vector_width=W`` before JAX starts; ``auto`` picks
+  512 on CPUs with AVX-512 (``avx512f`` in /proc/cpuinfo), else leaves XLA's default (256);
+  ``xla`` always leaves it. A width already in ``XLA_FLAGS`` is kept. (Measured on the
+  AVX-512 VM at B=1024, batch-minor: 512-bit vectors 1.1-1.5x the env-steps/s of 256-bit.)
 * ``--devices N`` (N > 1; needs ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, one
   host device per core) adds a third jitted side: the batch-minor call with its batch axis
   sharded over N devices (``NamedSharding``, no communication: every env is independent), so
@@ -39,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import inspect
 import math
 import pkgutil
@@ -151,8 +163,18 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def time_side_by_side(env, twin_cls, s0, acts, runs: int,
-                      devices: int = 1) -> dict[str, tuple[float, float]]:
+DEFAULT_MIN_TIME = 0.05
+
+
+def calls_per_run(fn, min_time: float) -> int:
+    """R = ceil(min_time / t): back-to-back calls of ``fn`` (t = the median of 3 calls) that
+    make one timed run last at least ``min_time`` seconds."""
+    ts = [_timed(fn)[0] for _ in range(3)]
+    return max(1, math.ceil(min_time / max(statistics.median(ts), 1e-9)))
+
+
+def time_side_by_side(env, twin_cls, s0, acts, runs: int, devices: int = 1,
+                      min_time: float = DEFAULT_MIN_TIME) -> dict[str, tuple[float, float]]:
     """{layout | "sharded" | "twin": (median wall s, median process CPU s)} of the same
     B x E x T steps.
 
@@ -160,7 +182,11 @@ def time_side_by_side(env, twin_cls, s0, acts, runs: int,
     jitted side (``make_rollout``, inputs moved to its layout before timing); with
     ``devices`` > 1 (and B divisible by it) also "sharded": batch-minor with the batch axis
     sharded over that many devices (same outputs). The runs alternate (major, minor, ...,
-    twin, major, ...) so that all sides see the same machine load.
+    twin, major, ...) so that all sides see the same machine load. A jitted side's run is one
+    untimed call, then R back-to-back calls timed together (R = ``calls_per_run``: at least
+    ``min_time`` seconds), reported per call: its steady rate, as inside a training program,
+    not the first call after the twin's Python loop has had the CPU (measured: a single call
+    right after 0.1 s of Python runs at 40-65% of the back-to-back rate).
     """
     E, T, B = acts.shape[:3]
     jitted, warm = {}, {}
@@ -190,10 +216,22 @@ def time_side_by_side(env, twin_cls, s0, acts, runs: int,
                 for i, tw in enumerate(row_twins):
                     tw.step(row[i])
 
+    reps = {layout: calls_per_run(lambda: jax.block_until_ready(rollout(*dev_in)), min_time)
+            for layout, (rollout, dev_in) in jitted.items()}
+
+    def back_to_back(rollout, dev_in, r):
+        out = None
+        for _ in range(r):
+            out = rollout(*dev_in)
+        jax.block_until_ready(out)
+
     out = {**{layout: [] for layout in jitted}, "twin": []}
     for _ in range(runs):
         for layout, (rollout, dev_in) in jitted.items():
-            out[layout].append(_timed(lambda: jax.block_until_ready(rollout(*dev_in))))
+            r = reps[layout]
+            jax.block_until_ready(rollout(*dev_in))                   # untimed
+            w, c = _timed(lambda: back_to_back(rollout, dev_in, r))
+            out[layout].append((w / r, c / r))
         twins = [[twin_cls.from_state(s, env) for s in row] for row in firsts]   # not timed
         out["twin"].append(_timed(lambda: twin_loop(twins)))
     return {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
@@ -207,6 +245,69 @@ def batch_inputs(states, acts, B: int, E: int, T: int):
     return s0, np.ascontiguousarray(a)
 
 
+def pin_cpus(spec: str) -> list[int] | None:
+    """Pin this process to the first K allowed CPUs (``spec`` = "K"), or leave it ("all").
+
+    Must run before JAX creates its CPU client: XLA sizes its intra-op pool from the affinity
+    mask then, and threads started earlier keep theirs. Returns the CPUs, or None for "all".
+    """
+    if spec == "all":
+        return None
+    try:
+        k = int(spec)
+    except ValueError:
+        raise ValueError(f"--cpus must be a positive int or 'all', got {spec!r}") from None
+    allowed = sorted(os.sched_getaffinity(0))
+    if not 1 <= k <= len(allowed):
+        raise ValueError(f"--cpus must be in [1, {len(allowed)}] (the CPUs this process may use: "
+                         f"{allowed}) or 'all', got {spec!r}")
+    try:
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:                                  # private API moved: skip the check
+        backends_are_initialized = lambda: False         # noqa: E731
+    if backends_are_initialized():
+        raise ValueError(f"--cpus {spec}: JAX's CPU client already exists in this process, so its "
+                         f"thread pool can no longer be sized; run the benchmark in a fresh "
+                         f"process (python -m benchmarks.env_throughput) or pass --cpus all")
+    cpus = allowed[:k]
+    os.sched_setaffinity(0, cpus)
+    return cpus
+
+
+VECTOR_WIDTHS = ("auto", "256", "512", "xla")
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+def set_vector_width(choice: str) -> str:
+    """Set XLA:CPU's preferred vector width (``VECTOR_WIDTHS``) in ``XLA_FLAGS`` before JAX
+    starts; returns a note saying what the jitted side compiles with."""
+    if choice not in VECTOR_WIDTHS:
+        raise ValueError(f"--vector-width must be one of {VECTOR_WIDTHS}, got {choice!r}")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_prefer_vector_width" in flags:
+        return "XLA vector width as set in XLA_FLAGS"
+    width = {"256": 256, "512": 512, "xla": None}.get(choice, 512 if _has_avx512() else None)
+    if width is None:
+        return "XLA's default vector width (256 bits)"
+    try:
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:
+        backends_are_initialized = lambda: False         # noqa: E731
+    if backends_are_initialized():
+        raise ValueError(f"--vector-width {choice}: JAX's CPU client already exists in this "
+                         f"process, so XLA_FLAGS can no longer take effect; run the benchmark in "
+                         f"a fresh process or pass --vector-width xla")
+    os.environ["XLA_FLAGS"] = (flags + f" --xla_cpu_prefer_vector_width={width}").strip()
+    return f"XLA_FLAGS --xla_cpu_prefer_vector_width={width}"
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="batches 1, 64, 1024 and 3 runs")
@@ -216,10 +317,22 @@ def main(argv=None) -> str:
     p.add_argument("--steps-per-call", type=int, default=DEFAULT_STEPS_PER_CALL,
                    help="K: env steps per jitted call (whole episodes: ceil(K / T) of them)")
     p.add_argument("--out", default=None, help="append the table to this markdown file")
+    p.add_argument("--min-time", type=float, default=DEFAULT_MIN_TIME,
+                   help="seconds: a jitted side's timed run repeats its call back to back for at "
+                        "least this long (reported per call)")
     p.add_argument("--devices", type=int, default=1,
                    help="also time batch-minor sharded over this many host devices (one per core; "
                         "run with XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    p.add_argument("--cpus", default="1",
+                   help="pin the process (jitted side and twin) to this many CPUs before JAX "
+                        "starts, sizing XLA's intra-op pool (default 1: one core against one "
+                        "core); 'all' leaves the affinity as it is")
+    p.add_argument("--vector-width", default="auto", choices=VECTOR_WIDTHS,
+                   help="XLA:CPU's preferred SIMD width for the jitted side, set before JAX "
+                        "starts (auto: 512 with AVX-512, else XLA's default; xla: leave it)")
     args = p.parse_args(argv)
+    vector_note = set_vector_width(args.vector_width)
+    pinned = pin_cpus(args.cpus)
     if args.devices < 1:
         raise ValueError(f"--devices must be >= 1, got {args.devices}")
     if args.devices > jax.local_device_count():
@@ -233,6 +346,8 @@ def main(argv=None) -> str:
         raise ValueError(f"--batches must be positive, got {batches}")
     if args.steps_per_call < 1:
         raise ValueError(f"--steps-per-call must be >= 1, got {args.steps_per_call}")
+    if not args.min_time >= 0:
+        raise ValueError(f"--min-time must be >= 0 seconds, got {args.min_time}")
     twins = discover_twins()
     if args.envs:
         unknown = sorted(set(args.envs) - set(twins))
@@ -244,10 +359,16 @@ def main(argv=None) -> str:
     notes = [machine_note(),
              f"median of {runs} runs; jitted: one call = lax.scan over E episodes x lax.scan over "
              f"T turns of vmap(step) on B envs (E = ceil({args.steps_per_call} / T), "
-             f"pre-generated actions, all TimeSteps output, blocked on), batch-major "
+             f"pre-generated actions, all TimeSteps output, blocked on; a timed run = one untimed "
+             f"call then calls back to back for >= {args.min_time:g} s, per call), batch-major "
              f"(vmap(step)) and batch-minor (vmap(step, in_axes=-1, out_axes=-1)); twin: Python "
              f"loop over the same B x E x T steps; CPU ratio = twin / jitted process CPU "
-             f"seconds, batch-minor"]
+             f"seconds, batch-minor",
+             (f"process pinned to CPU(s) {pinned} before JAX started (XLA intra-op pool of "
+              f"{len(pinned)} thread(s); the twin on the same CPU(s))" if pinned else
+              f"process not pinned (--cpus all): XLA's intra-op pool uses the CPUs it found "
+              f"({len(os.sched_getaffinity(0))} allowed)"),
+             f"jitted side compiled with {vector_note}"]
     header = ["env", "batch", "turns T", "episodes E", "jitted steps/s (batch-major)",
               "jitted steps/s (batch-minor)", "twin steps/s", "major / twin", "minor / twin",
               "CPU ratio"]
@@ -268,7 +389,8 @@ def main(argv=None) -> str:
         states, acts, _ = oracle_trajectory(env, E * max(batches))
         for B in batches:
             s0, a = batch_inputs(states, acts, B, E, T)
-            t = time_side_by_side(env, twin_cls, s0, a, runs, devices=args.devices)
+            t = time_side_by_side(env, twin_cls, s0, a, runs, devices=args.devices,
+                                  min_time=args.min_time)
             (jw, _), (mw, mc), (tw, tc) = t["major"], t["minor"], t["twin"]
             n = B * E * T
             row = [name, B, T, E, f"{n / jw:,.0f}", f"{n / mw:,.0f}", f"{n / tw:,.0f}",

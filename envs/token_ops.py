@@ -40,20 +40,28 @@ def _check_row(name: str, row) -> jax.Array:
     return row.astype(jnp.int32)
 
 
-def take(arr, idx, fill=0, select: bool = False) -> jax.Array:
+#: ``take`` reads tables of at most this many rows by select chains unless told otherwise
+SELECT_MAX = 32
+
+
+def take(arr, idx, fill=0, select: bool | None = None) -> jax.Array:
     """``arr[idx]`` along the first axis with ``fill`` for out-of-range indices (no clamping).
 
     ``idx`` is an int array of any shape; result shape ``idx.shape + arr.shape[1:]``.
     ``select=True`` reads the table as the select chain ``out = fill; out = where(idx == k,
     arr[k], out)`` for k = 0..n-1 instead of a gather: elementwise, so under ``vmap`` (one index
-    per env) a vectorized loop over the batch where XLA:CPU emits a gather as a scalar loop;
-    n selects per element, so worth it for small tables (kv_search's look-ups: +30% env-steps/s,
-    maze's 5-entry letter table: +40%) but not everywhere (calculator's look-ups, maze's
-    25-cell walls and distance tables: 20-30% slower); measured A/B at B=1024, same outputs.
+    per env) a vectorized loop over the batch, where XLA:CPU emits a gather as a scalar loop,
+    and one gather left in a fused kernel keeps the whole kernel scalar. n selects per element,
+    so ``select=None`` (default) picks the chain for tables of at most ``SELECT_MAX`` rows and
+    the gather above. Measured A/B at B=1024, one core, same outputs: calculator (all its
+    look-ups and action windows as chains) +36% env-steps/s batch-minor, kv_search and maze
+    +0-5%; 2-D tables of 25-40 cells read as chains (``take2(select=True)``) were 1.6-2x slower.
     """
     arr = jnp.asarray(arr)
     idx = _i32(idx)
     n = arr.shape[0]
+    if select is None:
+        select = n <= SELECT_MAX
     if select:
         hit_shape = idx.shape + (1,) * (arr.ndim - 1)
         out = jnp.full(idx.shape + arr.shape[1:], fill, arr.dtype)
@@ -79,6 +87,48 @@ def take2(table, i, j, fill=0, select: bool = False) -> jax.Array:
         return take(table.reshape(-1), jnp.where(inside, i * w + j, -1), fill, select=True)
     picked = table[jnp.clip(i, 0, h - 1), jnp.clip(j, 0, w - 1)]
     return jnp.where(inside, picked, jnp.asarray(fill, table.dtype))
+
+
+def pack_table(values, bits: int) -> jax.Array:
+    """A 1-D table of small non-negative ints packed ``bits`` each into int32 words.
+
+    Entry k sits in word ``k // per`` at bit ``bits * (k % per)``, ``per = 31 // bits``
+    entries a word (the sign bit unused). Values must lie in ``[0, 2**bits)`` (the caller's
+    guarantee; they are masked, not checked). Read with ``packed_take``.
+    """
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 31:
+        raise ValueError(f"bits must be an int in [1, 31], got {bits!r}")
+    v = _i32(values)
+    if v.ndim != 1:
+        raise ValueError(f"values must be a 1-D table, got shape {v.shape}")
+    per = 31 // bits
+    n_words = -(-v.shape[0] // per)
+    v = jnp.concatenate([v, jnp.zeros((n_words * per - v.shape[0],), jnp.int32)]).reshape(n_words, per)
+    shifts = bits * jnp.arange(per, dtype=jnp.int32)
+    words = (v & ((1 << bits) - 1)) << shifts
+    out = words[:, 0]
+    for j in range(1, per):                             # disjoint bit fields: OR = sum
+        out = out | words[:, j]
+    return out
+
+
+def packed_take(words, idx, bits: int, fill=0) -> jax.Array:
+    """Entry ``idx`` of a table packed by ``pack_table(values, bits)``; ``fill`` for ``idx``
+    outside ``[0, len(words) * (31 // bits))``.
+
+    The word is read with ``take`` (a select chain for up to ``SELECT_MAX`` words) and the entry
+    by a variable shift: no gather, so under ``vmap`` a vectorized loop over the batch (a whole
+    2-D table read as a select chain costs one select per cell instead).
+    """
+    words = _i32(words)
+    idx = _i32(idx)
+    per = 31 // bits
+    n = words.shape[0] * per
+    inside = (idx >= 0) & (idx < n)
+    k = jnp.where(inside, idx, 0)
+    w = take(words, k // per)
+    v = (w >> (bits * (k % per))) & ((1 << bits) - 1)
+    return jnp.where(inside, v, jnp.asarray(fill, jnp.int32))
 
 
 @jax.custom_batching.custom_vmap
@@ -111,39 +161,30 @@ def materialize(*values):
     XLA:CPU fuses cheap elementwise producers into *every* consumer, recomputing them: under
     ``vmap`` a parse read by a dozen outputs (state leaves, reward, info) is parsed a dozen
     times, and once per token by each row-shaped output such as the observation. A reduction
-    is never fused into its consumers, so the values are packed into one int32 vector ``v`` and
-    returned as ``max(v, INT32_MIN)`` (= ``v``) reduced over a stacked pair (``_fusion_barrier``,
-    whose vmap rule keeps the reduction over the major axis so that it vectorizes over the
-    batch): one small kernel that stores them, which the consumers then read.
-    (``lax.optimization_barrier`` is dropped by XLA:CPU before fusion.) Accepts bool, int32,
-    uint32 and float32 arrays (floats and uint32 travel as their bit patterns); returns a tuple
-    of the same shapes and dtypes.
+    is never fused into its consumers, so each value ``v`` is returned as ``max(v, INT32_MIN)``
+    (= ``v``) reduced over a stacked pair (``_fusion_barrier``, whose vmap rule keeps the
+    reduction over the major axis so that it vectorizes over the batch): one small kernel per
+    value that stores it, which the consumers then read.
+    (``lax.optimization_barrier`` is dropped by XLA:CPU before fusion.) Each value gets its
+    own barrier: packing different values into one vector would be a concatenate of
+    unrelated expressions, which XLA:CPU emits as a switch per element inside the loop over
+    the batch (no vectorization; LLVM even merges divisions by different constants into one
+    division by a variable). Accepts bool, int32, uint32 and float32 arrays (floats and
+    uint32 travel as their bit patterns); returns a tuple of the same shapes and dtypes.
     """
     arrs = [jnp.asarray(v) for v in values]
-    if not arrs:
-        return ()
-    packed = []
+    out = []
     for i, a in enumerate(arrs):
         if a.dtype == jnp.bool_:
-            packed.append(a.astype(jnp.int32).reshape(-1))
+            out.append(_fusion_barrier(a.astype(jnp.int32)) != 0)
         elif a.dtype == jnp.int32:
-            packed.append(a.reshape(-1))
+            out.append(_fusion_barrier(a))
         elif a.dtype in (jnp.float32, jnp.uint32):
-            packed.append(jax.lax.bitcast_convert_type(a, jnp.int32).reshape(-1))
+            bits = _fusion_barrier(jax.lax.bitcast_convert_type(a, jnp.int32))
+            out.append(jax.lax.bitcast_convert_type(bits, a.dtype))
         else:
             raise ValueError(f"materialize: value {i} has dtype {a.dtype}; "
                              f"expected bool, int32, uint32 or float32")
-    v = _fusion_barrier(jnp.concatenate(packed))
-    out, o = [], 0
-    for a in arrs:
-        part = v[o:o + a.size].reshape(a.shape)
-        o += a.size
-        if a.dtype == jnp.bool_:
-            out.append(part != 0)
-        elif a.dtype == jnp.int32:
-            out.append(part)
-        else:
-            out.append(jax.lax.bitcast_convert_type(part, a.dtype))
     return tuple(out)
 
 
@@ -183,6 +224,22 @@ def materialize_small(fields: Sequence[tuple], top=None) -> tuple:
     if top is not None:
         out.append(p >> total)                          # arithmetic shift: keeps the sign
     return tuple(out)
+
+
+def action_row(action, action_len: int) -> jax.Array:
+    """An env's ``action`` as int32 ``[action_len]`` tokens, stored once (``materialize``).
+
+    Raises a ValueError naming the shape when ``action`` does not hold ``action_len`` tokens.
+    The barrier keeps whatever produced the action (a sampler, or a ``lax.scan`` slicing
+    pre-generated actions with a dynamic index) out of the parse kernels: fused into them, a
+    dynamic-slice index is re-loaded inside XLA:CPU's loop over the batch and the loop is not
+    vectorized (measured at B=1024 batch-minor: maze 1.7x env-steps/s with the barrier).
+    """
+    a = jnp.asarray(action).astype(jnp.int32).reshape(-1)
+    if a.shape[0] != action_len:
+        raise ValueError(f"action must have {action_len} tokens, got shape {jnp.shape(action)}")
+    (a,) = materialize(a)
+    return a
 
 
 # --------------------------------------------------------------------------- classification
@@ -282,6 +339,20 @@ def _window(row: jax.Array, start, size: int, fill: int = vocab.PAD) -> tuple[ja
     return take(row, pos, fill).astype(jnp.int32), inside
 
 
+def _window_tokens(row: jax.Array, start, size: int, fill: int = vocab.PAD) -> list:
+    """``row[start + i]`` for i < size (``fill`` outside the row) as a list of scalars.
+
+    A list, not a ``[size]`` array: under ``vmap`` a per-env scalar combined with a per-env
+    vector is batch-major (``[B, size]``, each env's tokens contiguous), which the kernels
+    that read it cannot vectorize over the batch; separate scalars stay rows of B lanes.
+    """
+    n = row.shape[0]
+    if isinstance(start, int):                          # static: slices
+        return [row[start + i] if 0 <= start + i < n else jnp.int32(fill) for i in range(size)]
+    start = _i32(start)
+    return [take(row, start + i, fill).astype(jnp.int32) for i in range(size)]
+
+
 def parse_uint(tokens, start, max_digits: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Read a run of digit tokens beginning at ``tokens[start]``.
 
@@ -293,20 +364,19 @@ def parse_uint(tokens, start, max_digits: int) -> tuple[jax.Array, jax.Array, ja
     """
     _check_digits("max_digits", max_digits)
     row = _check_row("tokens", tokens)
-    win, _ = _window(row, start, max_digits + 1)
-    return _parse_digits(win, max_digits)
+    return _parse_digits(_window_tokens(row, start, max_digits + 1), max_digits)
 
 
-def _parse_digits(win: jax.Array, max_digits: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``parse_uint`` on a window of ``max_digits + 1`` tokens that starts at the number."""
-    dig = is_digit(win)
+def _parse_digits(win: list, max_digits: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``parse_uint`` on a window of ``max_digits + 1`` tokens (scalars) that starts at the
+    number."""
     # static unrolled scan over <= 10 positions (cheaper to compile and run than cumprod /
     # gathers): inside the run while every token so far is a digit; Horner for the value
     inside = jnp.bool_(True)
     n = jnp.int32(0)
     value = jnp.int32(0)
     for i in range(max_digits + 1):
-        inside = inside & dig[i]
+        inside = inside & is_digit(win[i])
         n = n + inside.astype(jnp.int32)
         if i < max_digits:
             value = jnp.where(inside, value * 10 + (win[i] - vocab.DIGIT_0), value)
@@ -323,11 +393,12 @@ def parse_int(tokens, start, max_digits: int) -> tuple[jax.Array, jax.Array, jax
     """
     _check_digits("max_digits", max_digits)
     row = _check_row("tokens", tokens)
-    # one window from start (static slice, or a gather when start is traced), then the
+    # one window from start (static slices, or select chains when start is traced), then the
     # digits' window is it shifted by one where it begins with '-' (one select per token)
-    g, _ = _window(row, start, max_digits + 2)
+    g = _window_tokens(row, start, max_digits + 2)
     neg = g[0] == vocab.MINUS
-    v, n, ok = _parse_digits(jnp.where(neg, g[1:], g[:-1]), max_digits)
+    v, n, ok = _parse_digits([jnp.where(neg, g[i + 1], g[i]) for i in range(max_digits + 1)],
+                             max_digits)
     value = jnp.where(neg, -v, v).astype(jnp.int32)
     return value, (n + neg.astype(jnp.int32)).astype(jnp.int32), ok
 
@@ -368,42 +439,99 @@ def num_digits(x) -> jax.Array:
     return n
 
 
+_DIGITS_PER_WORD = 7  # 4-bit decimal digits in one int32 lane (28 bits)
+
+
+def _digit_words(x, n_digits: int, neg=None) -> tuple[list, jax.Array, jax.Array | None]:
+    """The decimal digits of ``0 <= x < 10**n_digits`` packed 4 bits each, stored once.
+
+    Returns ``(words, n, neg)``: ``words[w]`` holds the digits of the powers 10**(7w) ..
+    10**(7w + 6) (digit of 10**k at bits 4(k - 7w)), ``n = num_digits(x)`` and ``neg``
+    (optional, bool) passed through. Every value comes out of a ``materialize`` barrier, packed
+    with ``materialize_small`` where it fits, so that a token row reading them is uniform
+    elementwise code over the row (variable shifts), not one division per token position.
+    """
+    words = []
+    for w in range(0, n_digits, _DIGITS_PER_WORD):
+        word = jnp.zeros(x.shape, jnp.int32)
+        for k in range(w, min(w + _DIGITS_PER_WORD, n_digits)):
+            # x // 10**k % 10: divisions by constants (multiply-shift), vectorized over the batch
+            d = jax.lax.rem(jax.lax.div(x, jnp.int32(10 ** k)), jnp.int32(10)) if k else \
+                jax.lax.rem(x, jnp.int32(10))
+            word = word | (d << (4 * (k - w)))
+        words.append(word)
+    n = num_digits(x)
+    if n_digits <= 6:                                   # 24 digit bits + n (4) + neg (1) <= 31
+        fields = [(n, 4)] + ([(neg, 1)] if neg is not None else [])
+        n, *rest = materialize_small(fields, top=words[0])
+        words = [rest.pop()]
+        if neg is not None:
+            neg = rest[0]
+        return words, n, neg
+    # n (4 bits) and neg (1 bit) ride above the last word's digits when they fit, else in a
+    # lane of their own (max_digits == 7: one full word)
+    last_bits = 4 * (n_digits - _DIGITS_PER_WORD * (len(words) - 1))
+    info = n | (neg.astype(jnp.int32) << 4) if neg is not None else n
+    if last_bits + 5 <= 31:
+        *words, last = materialize(*words[:-1], words[-1] | (info << last_bits))
+        info = last >> last_bits
+        words = [*words, last & ((1 << last_bits) - 1)]
+    else:
+        *words, info = materialize(*words, info)
+    n = info & 15
+    return list(words), n, ((info >> 4) == 1 if neg is not None else None)
+
+
+def _digit_of_power(words: list, p) -> jax.Array:
+    """Digit of 10**p (p int32, clipped into the packed range) from ``_digit_words``."""
+    hi = _DIGITS_PER_WORD * len(words) - 1
+    p = jnp.clip(p, 0, hi)
+    d = (words[0] >> (4 * jnp.minimum(p, _DIGITS_PER_WORD - 1))) & 15
+    for w in range(1, len(words)):
+        q = jnp.clip(p - _DIGITS_PER_WORD * w, 0, _DIGITS_PER_WORD - 1)
+        d = jnp.where(p >= _DIGITS_PER_WORD * w, (words[w] >> (4 * q)) & 15, d)
+    return d
+
+
 def uint_to_tokens_var(x, max_digits: int) -> tuple[jax.Array, jax.Array]:
     """Minimal decimal digits of ``x`` (no leading zeros; "0" for 0), left-aligned.
 
     Returns ``(tokens [max_digits] with <pad> after the digits, length)``. ``x`` is clipped
     into ``[0, 10**max_digits - 1]``.
 
-    With n = num_digits(x) and y = x * 10**(max_digits - n) (the digits shifted to the top),
-    position i shows ``(y // 10**(max_digits - 1 - i)) % 10``: only divisions by constants
-    (multiply-shift), never by a per-element divisor.
+    With n = num_digits(x), position i < n shows the digit of 10**(n - 1 - i). The digits are
+    computed once per value by divisions by constants and packed 4 bits each
+    (``_digit_words``); each position then reads its digit by a shift: the same elementwise
+    code for every position, which XLA:CPU vectorizes over a batch (a stack of per-position
+    divisions is emitted as a per-element switch with a scalar division by a variable).
     """
     _check_digits("max_digits", max_digits)
     D = max_digits
     x = jnp.clip(_i32(x), 0, 10 ** D - 1)
-    n = num_digits(x)
-    scale = jnp.ones(x.shape, jnp.int32)
-    for e in range(1, D):                               # static where-chain: 10 ** (D - n)
-        scale = jnp.where(n == D - e, 10 ** e, scale)
-    y = x * scale                                       # < 10**D <= 10**9: no overflow
-    y, n = materialize(y, n)                            # counted once, not once per token
-    toks = [jnp.where(i < n, vocab.DIGIT_0 + jax.lax.rem(jax.lax.div(y, jnp.int32(10 ** (D - 1 - i))),
-                                                         jnp.int32(10)), vocab.PAD)
-            for i in range(D)]
-    return jnp.stack(toks, axis=-1).astype(jnp.int32), n
+    words, n, _ = _digit_words(x, D)
+    i = jnp.arange(D, dtype=jnp.int32)
+    toks = jnp.where(i < n, vocab.DIGIT_0 + _digit_of_power(words, n - 1 - i), vocab.PAD)
+    return toks.astype(jnp.int32), n
 
 
 def int_to_tokens_var(x, max_digits: int) -> tuple[jax.Array, jax.Array]:
     """Signed version of ``uint_to_tokens_var``: a leading ``-`` for negative ``x``.
 
     Returns ``(tokens [max_digits + 1], length)``; ``|x|`` is clipped to ``10**max_digits - 1``.
+    Position i shows ``-`` if x < 0 and i = 0, else the digit of 10**(n - 1 - (i - s)) with
+    s = [x < 0], while i - s < n (same uniform per-position code as ``uint_to_tokens_var``).
     """
+    _check_digits("max_digits", max_digits)
+    D = max_digits
     x = _i32(x)
-    digits, n = uint_to_tokens_var(jnp.abs(x), max_digits)
-    neg = x < 0
-    with_sign = jnp.concatenate([jnp.asarray([vocab.MINUS], jnp.int32), digits])
-    without = jnp.concatenate([digits, jnp.asarray([vocab.PAD], jnp.int32)])
-    return jnp.where(neg, with_sign, without), (n + neg.astype(jnp.int32)).astype(jnp.int32)
+    a = jnp.clip(jnp.abs(x), 0, 10 ** D - 1)
+    words, n, neg = _digit_words(a, D, neg=x < 0)
+    s = neg.astype(jnp.int32)
+    i = jnp.arange(D + 1, dtype=jnp.int32)
+    k = i - s
+    digit = jnp.where((k >= 0) & (k < n), vocab.DIGIT_0 + _digit_of_power(words, n - 1 - k), vocab.PAD)
+    toks = jnp.where(neg & (i == 0), vocab.MINUS, digit)
+    return toks.astype(jnp.int32), (n + s).astype(jnp.int32)
 
 
 def write_at(row, start, seq, length=None) -> jax.Array:

@@ -107,9 +107,7 @@ class BanditEnv(Env):
         return (u < state.probs).astype(jnp.int32)
 
     def step(self, state: BanditState, action: jax.Array) -> tuple[BanditState, TimeStep]:
-        action = jnp.asarray(action).astype(jnp.int32).reshape(-1)
-        if action.shape[0] != self.action_len:
-            raise ValueError(f"action must have {self.action_len} tokens, got shape {action.shape}")
+        action = token_ops.action_row(action, self.action_len)
         arm = token_ops.digit_value(action[0])                            # -1 if not a digit
         fmt_ok = (token_ops.action_length(action) == 1) & (arm >= 0) & (arm < self.n_arms)
         arm = jnp.clip(arm, 0, self.n_arms - 1)

@@ -203,9 +203,7 @@ class CalculatorEnv(Env):
 
     def parse(self, action):
         """-> (kind, a, op, b): kind 0 malformed, 1 ``<calc> a op b``, 2 ``<answer> a``."""
-        x = jnp.asarray(action).astype(jnp.int32).reshape(-1)
-        if x.shape[0] != self.action_len:
-            raise ValueError(f"action must have {self.action_len} tokens, got shape {x.shape}")
+        x = T.action_row(action, self.action_len)
         # two stages, each stored once per env in one packed lane (T.materialize_small) instead
         # of re-parsed by every consumer: the first number, then the operator and second number
         D, AD, L = self.operand_digits, self.answer_digits, self.action_len

@@ -116,9 +116,7 @@ class GuessNumberEnv(Env):
 
     def parse(self, action):
         """-> (kind, k): kind 0 = malformed, 1 = question ``< k ?``, 2 = answer ``<answer> k``."""
-        a = jnp.asarray(action).astype(jnp.int32).reshape(-1)
-        if a.shape[0] != self.action_len:
-            raise ValueError(f"action must have {self.action_len} tokens, got shape {a.shape}")
+        a = T.action_row(action, self.action_len)
         length = T.action_length(a)
         k, nd, ok = T.parse_uint(a, 1, self.n_digits)
         after = T.take(a, 1 + nd)

@@ -156,9 +156,7 @@ class KeychainEnv(Env):
                 "progress": jnp.asarray(progress, jnp.int32), "found": jnp.asarray(found, bool)}
 
     def step(self, state: KeychainState, action: jax.Array) -> tuple[KeychainState, TimeStep]:
-        action = jnp.asarray(action).astype(jnp.int32).reshape(-1)
-        if action.shape[0] != self.action_len:
-            raise ValueError(f"action must have {self.action_len} tokens, got shape {action.shape}")
+        action = token_ops.action_row(action, self.action_len)
         length = token_ops.action_length(action)
         letters = token_ops.letter_index(action[1:1 + self.key_len])     # -1 if not a letter
         digits = token_ops.digit_value(action[1:1 + self.value_len])     # -1 if not a digit

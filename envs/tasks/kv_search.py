@@ -45,13 +45,6 @@ from envs import vocab
 from envs.base import Env, TimeStep, finish_step
 
 N_CODES = 26 * 10  # entity codes: letter * 10 + digit
-#: tables of at most this many entries are read by select chains (``T.take(select=True)``)
-SELECT_MAX = 32
-
-
-def _take_small(table, idx):
-    """``T.take(table, idx)``, as a select chain when the table has <= ``SELECT_MAX`` rows."""
-    return T.take(table, idx, select=table.shape[0] <= SELECT_MAX)
 
 
 @struct.dataclass
@@ -127,11 +120,11 @@ class KvSearchEnv(Env):
 
     def entity_tokens(self, state, idx):
         """Entity index -> int32 [2] (letter token, digit token)."""
-        code = _take_small(state.ent_codes, jnp.clip(idx, 0, self.n_entities - 1))
+        code = T.take(state.ent_codes, jnp.clip(idx, 0, self.n_entities - 1))
         return jnp.stack([T.letter_token(code // 10), T.digit_token(code % 10)])
 
     def relation_token(self, state, idx):
-        return T.letter_token(_take_small(state.rel_letters, jnp.clip(idx, 0, self.n_relations - 1)))
+        return T.letter_token(T.take(state.rel_letters, jnp.clip(idx, 0, self.n_relations - 1)))
 
     # ------------------------------------------------------------------ API
     def reset(self, key):
@@ -176,9 +169,7 @@ class KvSearchEnv(Env):
 
     def parse(self, action):
         """-> (kind, code, rel_letter): kind 0 malformed, 1 ``<search> E R``, 2 ``<answer> E``."""
-        a = jnp.asarray(action).astype(jnp.int32).reshape(-1)
-        if a.shape[0] != self.action_len:
-            raise ValueError(f"action must have {self.action_len} tokens, got shape {a.shape}")
+        a = T.action_row(action, self.action_len)
         length = T.action_length(a)
         ent_ok = T.is_letter(a[1]) & T.is_digit(a[2])
         code = T.letter_index(a[1]) * 10 + T.digit_value(a[2])
@@ -204,12 +195,12 @@ class KvSearchEnv(Env):
         t = jnp.clip(state.turn, 0, self.max_turns - 1)
         h = jnp.clip(state.hop, 0, self.hops - 1)
         # the look-ups, once: the fact's object (a gather), this turn's noise and the next chain
-        # link (select chains over tables of <= SELECT_MAX entries: _take_small)
+        # link (T.take: select chains over tables of <= T.SELECT_MAX entries)
         ne = self.n_entities.bit_length()           # obj + 1 in [0, n_entities], offset < n_entities
         obj, flip, offset, link, last = T.materialize_small([
             (jnp.where(ent_known & rel_known, T.take2(state.table, ent, rel, -1), -1) + 1, ne),
-            (_take_small(state.noise_flip, t), 1), (_take_small(state.noise_obj, t), ne),
-            ((ent == _take_small(state.chain, h)) & (rel == _take_small(state.chain_rels, h)), 1),
+            (T.take(state.noise_flip, t), 1), (T.take(state.noise_obj, t), ne),
+            ((ent == T.take(state.chain, h)) & (rel == T.take(state.chain_rels, h)), 1),
             (ent == state.chain[self.hops], 1)])
         obj = obj - 1
         found = obj >= 0

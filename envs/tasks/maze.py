@@ -32,6 +32,12 @@ Oracle. ``reset`` computes the BFS distance-to-goal field by iterated relaxation
 ``lax.fori_loop``) and stores it in the state; the oracle moves to a neighbour whose
 distance is one less (random tie-break), i.e. along a shortest path.
 
+Speed. ``reset`` also packs the walls (1 bit a cell) and the distance field into int32 words
+kept in the state (``MazeEnv.tables``, ``token_ops.pack_table``); ``step`` reads them by
+shifts and small select chains, never by a gather, and builds the observation row as one
+elementwise function of the position (``_observation_row``), so that under ``vmap`` XLA:CPU
+emits vectorized loops over the batch (``benchmarks/env_throughput.py``).
+
 Example episode (3 x 3 map ``.#. / ... / #..``, start 0 , 0, goal 2 , 2; decoded text, where
 ``new`` = walls to the north, east and west)::
 
@@ -73,6 +79,8 @@ class MazeState:
     start: jax.Array        # int32 [2]
     dist: jax.Array         # int32 [size, size], BFS distance to the goal (size**2 = unreachable)
     n_illegal: jax.Array    # int32 [], illegal moves so far
+    wall_words: jax.Array   # int32 [ceil(size**2 / 31)], walls packed 1 bit a cell (pack_table)
+    dist_words: jax.Array   # int32 [...], dist packed dist_bits a cell (pack_table)
 
 
 def bfs_distance(walls: jax.Array, goal: jax.Array) -> jax.Array:
@@ -135,6 +143,7 @@ class MazeEnv(Env):
         self.format_penalty = float(format_penalty)
         self.obs_len = 16       # prompt: <task> m a z e r , c n e s w <goal> r , c = 16 at most
         self.action_len = 4
+        self.dist_bits = (self.size * self.size).bit_length()   # dist <= size**2
 
     # ------------------------------------------------------------------ generation
     def _generate_random(self, key):
@@ -210,6 +219,28 @@ class MazeEnv(Env):
             self._blocked(walls, pos) & ~at_goal])
         return token_ops.pad_row(token_ops.pack_left(toks, keep), self.obs_len)
 
+    def _observation_row(self, fmt_ok, illegal, at_goal, r, c, codes):
+        """``_observation`` (pack_left of <obs> <no>? <goal>? r , c n? e? s? w?, padded; or
+        <obs> <err> after a malformed action) in closed form, from per-env scalars: token j is
+        the same elementwise function of j for every position (q = j - [a flag is shown], the
+        k-th wall letter decoded from the 3-bit ``codes`` by a shift), so under vmap the row is
+        one vectorized loop, not a per-position switch."""
+        j = jnp.arange(self.obs_len, dtype=jnp.int32)
+        flagged = illegal | at_goal
+        q = j - flagged.astype(jnp.int32)
+        code = (codes >> (3 * jnp.clip(q - 4, 0, 3))) & 7
+        letter = jnp.full(j.shape, vocab.PAD, jnp.int32)
+        for k in range(4):
+            letter = jnp.where(code == k + 1, int(DIR_TOKENS[k]), letter)
+        tok = jnp.where(q == 1, vocab.DIGIT_0 + r,
+                        jnp.where(q == 2, vocab.COMMA,
+                                  jnp.where(q == 3, vocab.DIGIT_0 + c,
+                                            jnp.where((q >= 4) & (q < 8), letter, vocab.PAD))))
+        flag = jnp.where(illegal, vocab.NO, vocab.GOAL)
+        tok = jnp.where((j == 1) & flagged, flag, tok)
+        tok = jnp.where(fmt_ok, tok, jnp.where(j == 1, vocab.ERR, vocab.PAD))
+        return jnp.where(j == 0, vocab.OBS, tok).astype(jnp.int32)
+
     def _prompt(self, walls, pos, goal):
         toks = jnp.concatenate([
             jnp.array([vocab.TASK] + _MAZE_WORD, jnp.int32), self._position_tokens(pos),
@@ -222,6 +253,14 @@ class MazeEnv(Env):
                 "illegal_move": jnp.asarray(illegal, bool), "distance": jnp.asarray(distance, jnp.int32)}
 
     # ------------------------------------------------------------------ API
+    def tables(self, walls, dist):
+        """(wall_words, dist_words): the grid's walls and distance field packed into int32 words
+        (``token_ops.pack_table``, cell k = r * size + c), which ``step`` reads by shifts and
+        small select chains instead of gathers (a gather keeps XLA:CPU's loop over the batch
+        scalar)."""
+        return (token_ops.pack_table(jnp.asarray(walls).reshape(-1), 1),
+                token_ops.pack_table(jnp.asarray(dist).reshape(-1), self.dist_bits))
+
     def reset(self, key: jax.Array) -> tuple[MazeState, TimeStep]:
         key, k_gen = jax.random.split(key)
         if self.generator == "random":
@@ -229,46 +268,37 @@ class MazeEnv(Env):
         else:
             walls, start, goal = self._generate_perfect(k_gen)
         dist = bfs_distance(walls, goal)
+        wall_words, dist_words = self.tables(walls, dist)
         state = MazeState(key=key, turn=jnp.int32(0), done=jnp.bool_(False),
                           terminated=jnp.bool_(False), truncated=jnp.bool_(False), walls=walls,
-                          pos=start, goal=goal, start=start, dist=dist, n_illegal=jnp.int32(0))
+                          pos=start, goal=goal, start=start, dist=dist, n_illegal=jnp.int32(0),
+                          wall_words=wall_words, dist_words=dist_words)
         ts = TimeStep(observation=self._prompt(walls, start, goal), reward=jnp.float32(0.0),
                       terminated=jnp.bool_(False), truncated=jnp.bool_(False),
                       info=self._info(False, False, False, dist[start[0], start[1]]))
         return state, ts
 
-    def _wall_bits(self, walls):
-        """The walls as one int32 bit mask (bit r * size + c), or None when the grid has more
-        than 31 cells (then look-ups gather from the table)."""
-        if self.size * self.size > 31:
-            return None
-        flat = walls.reshape(-1).astype(jnp.int32)
-        bits = flat[0]
-        for k in range(1, self.size * self.size):
-            bits = bits | (flat[k] << k)
-        return bits
+    def _blocked_cell(self, state: MazeState, r, c):
+        """The cell (r, c) is a wall or off the grid: a shift of the packed wall words."""
+        inside = (r >= 0) & (r < self.size) & (c >= 0) & (c < self.size)
+        if state.wall_words.shape[-1] == 1:             # <= 31 cells: one word, one shift
+            bit = (state.wall_words[0] >> jnp.clip(r * self.size + c, 0, 30)) & 1
+            return ~inside | (bit == 1)
+        k = jnp.where(inside, r * self.size + c, -1)
+        return token_ops.packed_take(state.wall_words, k, 1, fill=1) == 1
 
-    def _is_wall(self, walls, bits, r, c, inside):
-        """walls[r, c] for an inside cell (any value when not inside): a shift of the bit mask
-        (elementwise under vmap, so vectorized over the batch) or a gather."""
-        if bits is None:
-            return token_ops.take2(walls, r, c, True)
-        return ((bits >> jnp.where(inside, r * self.size + c, 0)) & 1) == 1
+    def _distance(self, state: MazeState, r, c):
+        """dist[r, c] for an inside cell, from the packed distance words."""
+        return token_ops.packed_take(state.dist_words, r * self.size + c, self.dist_bits)
 
-    def _blocked_at(self, walls, r, c, bits=None):
-        """bool [4]: the neighbour of (r, c) in direction n, e, s, w is a wall or off the grid
-        (= ``_blocked``, written as four look-ups for scalar r, c)."""
-        out = []
-        for dr, dc in DIR_DELTAS.tolist():
-            rr, cc = r + dr, c + dc
-            inside = (rr >= 0) & (rr < self.size) & (cc >= 0) & (cc < self.size)
-            out.append(~inside | self._is_wall(walls, bits, rr, cc, inside))
-        return jnp.stack(out)
+    def _blocked_at(self, state: MazeState, r, c) -> list:
+        """Four bools: the neighbour of (r, c) in direction n, e, s, w is a wall or off the grid
+        (= ``_blocked``, written as four look-ups for scalar r, c; kept apart, not stacked:
+        under vmap a stack of per-env values is a transposed array)."""
+        return [self._blocked_cell(state, r + dr, c + dc) for dr, dc in DIR_DELTAS.tolist()]
 
     def step(self, state: MazeState, action: jax.Array) -> tuple[MazeState, TimeStep]:
-        action = jnp.asarray(action).astype(jnp.int32).reshape(-1)
-        if action.shape[0] != self.action_len:
-            raise ValueError(f"action must have {self.action_len} tokens, got shape {action.shape}")
+        action = token_ops.action_row(action, self.action_len)
         # Two stages, each computed once per env and stored in one packed int32
         # (token_ops.materialize_small) for the dozen outputs that read them.
         # 1. the move: d = index of action[0] among n, e, s, w (0 if none, as argmax), the
@@ -282,9 +312,7 @@ class MazeEnv(Env):
         fmt_ok = (token_ops.action_length(action) == 1) & is_dir
         r = state.pos[0] + jnp.where(d == 0, -1, jnp.where(d == 2, 1, 0))
         c = state.pos[1] + jnp.where(d == 1, 1, jnp.where(d == 3, -1, 0))
-        inside = (r >= 0) & (r < self.size) & (c >= 0) & (c < self.size)
-        bits = self._wall_bits(state.walls)
-        blocked = ~inside | self._is_wall(state.walls, bits, r, c, inside)
+        blocked = self._blocked_cell(state, r, c)
         moved = fmt_ok & ~blocked
         coord = (self.size - 1).bit_length()
         fmt_ok, illegal, new_r, new_c = token_ops.materialize_small(
@@ -295,21 +323,15 @@ class MazeEnv(Env):
         #    whether it is the goal, and the wall letters (none at the goal) left-packed, as
         #    codes 1..4 for n, e, s, w (0: none); see _observation for the packed row
         at_goal = fmt_ok & ~illegal & (new_r == state.goal[0]) & (new_c == state.goal[1])
-        walls_nesw = self._blocked_at(state.walls, new_r, new_c, bits) & ~at_goal
-        codes = token_ops.pack_left(jnp.arange(1, 5, dtype=jnp.int32), walls_nesw)
-        at_goal, distance, *codes = token_ops.materialize_small(
-            [(at_goal, 1), (token_ops.take2(state.dist, new_r, new_c), (self.size ** 2).bit_length())]
-            + [(codes[k], 3) for k in range(4)])
-        letters = token_ops.take(jnp.asarray([vocab.PAD] + DIR_TOKENS.tolist(), jnp.int32),
-                                 jnp.stack(codes), select=True)
-        # the observation (_observation: pack_left of <obs> <no>? <goal>? r , c n? e? s? w?,
-        # padded) in closed form: at most one of <no> (bumped) / <goal> (at_goal) is shown
-        tail = [vocab.DIGIT_0 + new_r, vocab.COMMA, vocab.DIGIT_0 + new_c, letters]
-        flag = jnp.where(illegal, vocab.NO, vocab.GOAL)
-        with_flag = token_ops.make_row([vocab.OBS, flag] + tail, self.obs_len)
-        without = token_ops.make_row([vocab.OBS] + tail, self.obs_len)
-        obs = jnp.where(fmt_ok, jnp.where(illegal | at_goal, with_flag, without),
-                        token_ops.make_row([vocab.OBS, vocab.ERR], self.obs_len))
+        # wall letters (none at the goal) left-packed as 3-bit codes 1..4 (n, e, s, w) in one int
+        codes, count = jnp.int32(0), jnp.int32(0)
+        for k, b in enumerate(self._blocked_at(state, new_r, new_c)):
+            b = b & ~at_goal
+            codes = codes | jnp.where(b, (k + 1) << (3 * count), 0)
+            count = count + b.astype(jnp.int32)
+        at_goal, distance, codes = token_ops.materialize_small(
+            [(at_goal, 1), (self._distance(state, new_r, new_c), self.dist_bits), (codes, 12)])
+        obs = self._observation_row(fmt_ok, illegal, at_goal, new_r, new_c, codes)
         n_illegal = state.n_illegal + illegal.astype(jnp.int32)
         failed = illegal & (self.max_illegal > 0) & (n_illegal >= self.max_illegal)
         reward = jnp.where(~fmt_ok, -self.format_penalty,
@@ -317,7 +339,7 @@ class MazeEnv(Env):
         return finish_step(self, state, terminated=at_goal | failed, observation=obs, reward=reward,
                            info=self._info(at_goal, ~fmt_ok, illegal, distance),
                            idle_info=self._info(False, False, False,
-                                                token_ops.take2(state.dist, state.pos[0], state.pos[1])),
+                                                self._distance(state, state.pos[0], state.pos[1])),
                            pos=new_pos, n_illegal=n_illegal)
 
     def oracle_action(self, state: MazeState, key: jax.Array) -> jax.Array:

@@ -128,9 +128,7 @@ class WordleEnv(Env):
                 "n_green": jnp.asarray(n_green, jnp.int32)}
 
     def step(self, state: WordleState, action: jax.Array) -> tuple[WordleState, TimeStep]:
-        action = jnp.asarray(action).astype(jnp.int32).reshape(-1)
-        if action.shape[0] != self.action_len:
-            raise ValueError(f"action must have {self.action_len} tokens, got shape {action.shape}")
+        action = token_ops.action_row(action, self.action_len)
         length = token_ops.action_length(action)
         letters = token_ops.letter_index(action[: self.word_len])          # -1 if not a letter
         fmt_ok = (length == self.word_len) & jnp.all((letters >= 0) & (letters < self.alphabet_size))

@@ -1,4 +1,8 @@
 """benchmarks.env_throughput: tiny smoke run, input layout, and argument checks."""
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -54,7 +58,8 @@ def test_batch_minor_layout_gives_the_same_timesteps():
 
 
 def test_quick_table(capsys):
-    out = B.main(["--envs", "maze", "--batches", "2", "--runs", "3", "--steps-per-call", "4"])
+    out = B.main(["--envs", "maze", "--batches", "2", "--runs", "3", "--steps-per-call", "4",
+                  "--cpus", "all", "--vector-width", "xla"])
     rows = [l for l in out.splitlines() if l.startswith("| maze")]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
@@ -68,7 +73,7 @@ def test_sharded_column_checks_outputs_and_skips_indivisible_batches():
     inside time_side_by_side) with its own steps/s and ratio; '-' where B is odd."""
     assert jax.local_device_count() >= 2          # tests/conftest.py: 8 host devices
     out = B.main(["--envs", "kv_search", "--batches", "1", "4", "--runs", "3",
-                  "--steps-per-call", "4", "--devices", "2"])
+                  "--steps-per-call", "4", "--devices", "2", "--cpus", "all", "--vector-width", "xla"])
     rows = [[c.strip() for c in l.strip("|").split("|")] for l in out.splitlines()
             if l.startswith("| kv_search")]
     assert [r[1] for r in rows] == ["1", "4"] and all(len(r) == 12 for r in rows)
@@ -85,4 +90,45 @@ def test_sharded_column_checks_outputs_and_skips_indivisible_batches():
                                         (["--devices", "64"], "xla_force_host_platform_device_count")])
 def test_bad_arguments_raise(argv, match):
     with pytest.raises(ValueError, match=match):
-        B.main(argv)
+        B.main(argv + ["--cpus", "all", "--vector-width", "xla"])
+
+
+def test_cpus_option_checks_and_refuses_a_started_backend():
+    """--cpus: bad values name themselves; pinning after JAX's CPU client exists (as in this
+    test process) is refused, since XLA's pool could no longer be sized."""
+    jax.devices()                                   # the client exists here
+    for bad in ["0", "x", str(len(os.sched_getaffinity(0)) + 1)]:
+        with pytest.raises(ValueError, match="--cpus"):
+            B.pin_cpus(bad)
+    with pytest.raises(ValueError, match="fresh process"):
+        B.main(["--envs", "maze", "--batches", "2", "--runs", "3", "--cpus", "1",
+                "--vector-width", "xla"])
+    assert B.pin_cpus("all") is None
+
+
+def test_vector_width_option(monkeypatch):
+    """--vector-width: unknown values rejected; a width in XLA_FLAGS is kept; setting one after
+    JAX's CPU client exists is refused (the flags were read already); 'xla' changes nothing."""
+    jax.devices()
+    with pytest.raises(ValueError, match="--vector-width"):
+        B.set_vector_width("128")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
+    assert "as set in XLA_FLAGS" in B.set_vector_width("512")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    with pytest.raises(ValueError, match="fresh process"):
+        B.set_vector_width("512")
+    assert "default" in B.set_vector_width("xla") and os.environ["XLA_FLAGS"] == ""
+
+
+def test_pinned_run_in_a_fresh_process(tmp_path):
+    """The default --cpus 1 in a fresh process: pinned before JAX starts, said in the notes."""
+    out = tmp_path / "t.md"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.env_throughput", "--envs", "kv_search",
+                        "--batches", "2", "--runs", "3", "--steps-per-call", "4", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = sorted(os.sched_getaffinity(0))[0]
+    assert f"process pinned to CPU(s) [{first}] before JAX started" in r.stdout
+    assert "jitted side compiled with" in r.stdout
+    assert "| kv_search | 2 |" in out.read_text()

@@ -115,11 +115,13 @@ def test_bfs_distance_random_grids():
 
 def handmade(env, rows, start, goal):
     walls = np.array([[ch == "#" for ch in row] for row in rows])
+    dist = jnp.asarray(numpy_bfs(walls, goal), jnp.int32)
+    wall_words, dist_words = env.tables(jnp.asarray(walls), dist)
     return MazeState(key=jax.random.PRNGKey(0), turn=jnp.int32(0), done=jnp.bool_(False),
                      terminated=jnp.bool_(False), truncated=jnp.bool_(False), walls=jnp.asarray(walls),
                      pos=jnp.array(start, jnp.int32), goal=jnp.array(goal, jnp.int32),
-                     start=jnp.array(start, jnp.int32), dist=jnp.asarray(numpy_bfs(walls, goal), jnp.int32),
-                     n_illegal=jnp.int32(0))
+                     start=jnp.array(start, jnp.int32), dist=dist, n_illegal=jnp.int32(0),
+                     wall_words=wall_words, dist_words=dist_words)
 
 
 def test_handwritten_episode():
@@ -247,37 +249,36 @@ def test_defaults_small():
         env.step(state, jnp.zeros(5, jnp.int32))
 
 
-@pytest.mark.parametrize("size", [3, 5])
-def test_wall_bit_mask_lookups_equal_the_gathers(size, monkeypatch):
-    """Grids of <= 31 cells look walls up in a per-step int32 bit mask (shifts); with the mask
-    disabled (the gather path, used above 31 cells) every step's outputs are the same, on
-    random token actions and on oracle moves from random states."""
+@pytest.mark.parametrize("size", [3, 5, 10])
+def test_packed_tables_equal_the_grids(size):
+    """step reads walls and distances from the packed words of the state (pack_table): for
+    random mazes every cell's packed entries equal the grids, cells off the grid read as
+    blocked, and the neighbour look-up equals the padded-grid gather (_blocked)."""
     env = MazeEnv(size=size)
-    assert env._wall_bits(jnp.zeros((size, size), bool)) is not None
-    n = 256
+    n = 64
     states, _ = jax.jit(jax.vmap(env.reset))(keys(n, seed=size))
-    rng = np.random.default_rng(size)
-    dirs = np.asarray([vocab.TOKEN_TO_ID[c] for c in "nesw"])
-    actions = []
-    for t in range(6):
-        a = rng.integers(0, vocab.size, (n, env.action_len)).astype(np.int32)
-        legal = rng.random(n) < 0.8              # mostly well-formed moves, some garbage
-        a[legal, 0] = rng.choice(dirs, legal.sum())
-        a[legal, 1] = vocab.EOS
-        actions.append(a)
+    rc = [(r, c) for r in range(-1, size + 1) for c in range(-1, size + 1)]
+    rows = jnp.asarray([r for r, _ in rc]); cols = jnp.asarray([c for _, c in rc])
 
-    def roll(env_):
-        step = jax.jit(jax.vmap(env_.step))
-        s, out = states, []
-        for a in actions:
-            s, ts = step(s, jnp.asarray(a))
-            out.append((s, ts))
-        return jax.device_get(out)
+    def cells(s):
+        blocked = jax.vmap(lambda r, c: env._blocked_cell(s, r, c))(rows, cols)
+        inside = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
+        dist = jax.vmap(lambda r, c: env._distance(s, r, c))(jnp.clip(rows, 0, size - 1),
+                                                           jnp.clip(cols, 0, size - 1))
+        nbrs = jax.vmap(lambda r, c: jnp.stack(env._blocked_at(s, r, c)))(jnp.clip(rows, 0, size - 1),
+                                                              jnp.clip(cols, 0, size - 1))
+        gathered = jax.vmap(lambda r, c: env._blocked(s.walls, jnp.stack([r, c])))(
+            jnp.clip(rows, 0, size - 1), jnp.clip(cols, 0, size - 1))
+        return blocked, inside, dist, nbrs, gathered
 
-    with_mask = roll(env)
-    monkeypatch.setattr(MazeEnv, "_wall_bits", lambda self, walls: None)
-    with_gather = roll(MazeEnv(size=size))
-    for x, y in zip(jax.tree.leaves(with_mask), jax.tree.leaves(with_gather)):
-        np.testing.assert_array_equal(x, y)
-    bumped = sum(int(np.asarray(ts.info["illegal_move"]).sum()) for _, ts in with_mask)
-    assert bumped > 0      # walls and edges were actually hit
+    blocked, inside, dist, nbrs, gathered = jax.device_get(jax.jit(jax.vmap(cells))(states))
+    walls, dists = np.asarray(states.walls), np.asarray(states.dist)
+    for i in range(n):
+        for k, (r, c) in enumerate(rc):
+            if 0 <= r < size and 0 <= c < size:
+                assert blocked[i, k] == walls[i, r, c]
+                assert dist[i, k] == dists[i, r, c]
+            else:
+                assert blocked[i, k] and not inside[i, k]
+    np.testing.assert_array_equal(nbrs, gathered)
+    assert walls.any() and (dists < size * size).any()

@@ -132,6 +132,41 @@ def test_int_to_tokens_var_round_trip_with_parse_int():
         assert (int(vi), int(mi), bool(oki)) == (int(x), int(ni), True)
 
 
+@pytest.mark.parametrize("max_digits", list(range(1, 10)))
+def test_digit_writing_every_width_sign_clipping_and_batch_layouts(max_digits):
+    """uint/int_to_tokens_var (packed digit words read by shifts) against Python's str, for
+    every width 1..9 (one and two packed words), negative values, clipping at 10**D - 1 and
+    INT32 extremes, unbatched, vmap batch-first and vmap batch-last."""
+    D = max_digits
+    top = 10 ** D - 1
+    xs = np.concatenate([RNG.integers(-top, top + 1, 200),
+                         [0, 1, -1, 9, 10, -10, top, -top, top + 1, -(top + 1),
+                          2 ** 31 - 1, -(2 ** 31 - 1)]]).astype(np.int64)
+    xs = np.clip(xs, -(2 ** 31 - 1), 2 ** 31 - 1).astype(np.int32)
+
+    def want_u(x):
+        v = min(max(int(x), 0), top)
+        return str(v)
+
+    def want_i(x):
+        v = min(abs(int(x)), top)
+        return ("-" if x < 0 else "") + str(v)
+
+    for fn, want, width in [(T.uint_to_tokens_var, want_u, D), (T.int_to_tokens_var, want_i, D + 1)]:
+        first = jax.jit(jax.vmap(lambda x: fn(x, D)))(xs)
+        last = jax.jit(jax.vmap(lambda x: fn(x, D), in_axes=-1, out_axes=-1))(xs)
+        for toks, n in [first, (np.asarray(last[0]).T, last[1])]:
+            toks, n = np.asarray(toks), np.asarray(n)
+            assert toks.shape == (len(xs), width)
+            for x, row, ni in zip(xs, toks, n):
+                w = want(x)
+                assert vocab.decode(row).replace(" ", "") == w, (D, int(x))
+                assert int(ni) == len(w)
+                assert np.all(row[len(w):] == vocab.PAD)
+        one, n1 = fn(jnp.int32(xs[0]), D)
+        assert vocab.decode(np.asarray(one)).replace(" ", "") == want(xs[0]) and int(n1) == len(want(xs[0]))
+
+
 def test_num_digits():
     xs = np.concatenate([RNG.integers(-10 ** 8, 10 ** 8, 500), [0, 9, 10, -10, 99999999]])
     assert list(np.asarray(T.num_digits(xs))) == [len(str(abs(int(x)))) for x in xs]
@@ -363,3 +398,32 @@ def test_materialize_vmap_rule_any_batch_axis_nested_and_unbatched():
     # the batch (7) stays the minor axis and the pair axis (2) is the reduced leading one
     hlo = jax.jit(jax.vmap(lambda v: T.materialize(v), in_axes=-1, out_axes=-1)).lower(x[0]).as_text()
     assert "across dimensions = [0] : (tensor<2x3x7xi32>" in hlo, hlo
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 7, 10, 31])
+def test_pack_table_and_packed_take_against_numpy(bits):
+    """packed_take(pack_table(v, bits), i) == v[i] for random tables and indices (several
+    words, a partial last word), fill outside, unbatched and vmapped with the batch first
+    or last; bad bits / shapes are rejected."""
+    rng = np.random.default_rng(bits)
+    n = 3 * (31 // bits) + 2
+    v = rng.integers(0, 2 ** bits, n)
+    words = T.pack_table(v, bits)
+    assert words.shape == (-(-n // (31 // bits)),) and words.dtype == jnp.int32
+    idx = np.concatenate([np.arange(-2, n + 3), rng.integers(-5, n + 5, 50)])
+    want = np.where((idx >= 0) & (idx < n), v[np.clip(idx, 0, n - 1)], -7)
+    # indices past n but inside the last word read the zero padding
+    pad = (idx >= n) & (idx < words.shape[0] * (31 // bits))
+    want = np.where(pad, 0, want)
+    got = np.asarray(jax.jit(lambda i: T.packed_take(words, i, bits, fill=-7))(idx))
+    np.testing.assert_array_equal(got, want)
+    tables = np.stack([rng.integers(0, 2 ** bits, n) for _ in range(4)])
+    ws = jax.vmap(lambda t: T.pack_table(t, bits))(tables)
+    first = jax.vmap(lambda w, i: T.packed_take(w, i, bits))(ws, jnp.asarray(idx[:4] % n))
+    last = jax.vmap(lambda w, i: T.packed_take(w, i, bits), in_axes=(-1, -1))(ws.T, jnp.asarray(idx[:4] % n))
+    np.testing.assert_array_equal(first, tables[np.arange(4), idx[:4] % n])
+    np.testing.assert_array_equal(last, first)
+    with pytest.raises(ValueError, match="bits"):
+        T.pack_table(v, 32)
+    with pytest.raises(ValueError, match="1-D"):
+        T.pack_table(np.zeros((2, 2), np.int32), bits)
