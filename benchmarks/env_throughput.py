@@ -12,10 +12,12 @@ calculator, maze, ...). For each env:
   same for both sides); E = ceil(K / T) episodes per env slot, K = ``--steps-per-call``
   (default 32). Oracle trajectories of E·B episodes are generated beforehand with one
   ``jit(vmap)`` + ``lax.scan``: their reset states and the actions of their first T turns.
-* jitted, per timed run, in two batch layouts (``make_rollout``): ONE call of a compiled
-  function that runs ``lax.scan`` over the E episodes, each a ``lax.scan`` over its T turns
-  of ``vmap(env.step)`` on B envs, with the pre-generated action tokens (E·T = K steps per call, as PureJaxRL measures: the Python
-  dispatch of one call is spread over K steps instead of being what is measured). Every
+* jitted, in two batch layouts (``make_rollout``): a compiled function that runs ``lax.scan``
+  over the E episodes, each a ``lax.scan`` over its T turns of ``vmap(env.step)`` on B envs,
+  with the pre-generated action tokens (E·T = K steps per call, as PureJaxRL measures: the
+  Python dispatch of one call is spread over K steps instead of being what is measured). A
+  timed run is one untimed call, then R calls back to back for at least ``--min-time``
+  seconds (``calls_per_run``), reported per call. Every
   TimeStep (observation, reward, flags, info) is an output, as a rollout keeps them; the
   result is blocked on. Batch-major is ``vmap(env.step)`` (states ``[B, ...]``); batch-minor is
   ``vmap(env.step, in_axes=-1, out_axes=-1)`` (states ``[..., B]``, actions ``[L, B]``): the
@@ -40,8 +42,8 @@ calculator, maze, ...). For each env:
 * ``--devices N`` (N > 1; needs ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, one
   host device per core) adds a third jitted side: the batch-minor call with its batch axis
   sharded over N devices (``NamedSharding``, no communication: every env is independent), so
-  XLA runs N shards on N cores at once. Its ratio compares the whole CPU against the twin's
-  one process; the other columns stay single-device.
+  XLA runs N shards on N cores at once (use it with ``--cpus N``). Its ratio compares the
+  whole CPU against the twin's one process; the other columns stay single-device.
 
 Reported: env-steps per second (B·E·T / seconds), the median of ``--runs`` runs, the ratio,
 and the ratio of process CPU seconds (XLA may use several threads, the twin one).
@@ -50,9 +52,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import inspect
 import math
+import os
 import pkgutil
 import statistics
 import sys
