@@ -59,6 +59,7 @@ import pkgutil
 import statistics
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -259,6 +260,10 @@ def pin_cpus(spec: str) -> list[int] | None:
         k = int(spec)
     except ValueError:
         raise ValueError(f"--cpus must be a positive int or 'all', got {spec!r}") from None
+    if not (hasattr(os, "sched_getaffinity") and hasattr(os, "sched_setaffinity")):
+        warnings.warn(f"--cpus {spec}: this OS has no sched_setaffinity (Linux only); running "
+                      f"unpinned, as with --cpus all (pin with the OS's own tools instead)")
+        return None
     allowed = sorted(os.sched_getaffinity(0))
     if not 1 <= k <= len(allowed):
         raise ValueError(f"--cpus must be in [1, {len(allowed)}] (the CPUs this process may use: "
@@ -368,8 +373,9 @@ def main(argv=None) -> str:
              f"seconds, batch-minor",
              (f"process pinned to CPU(s) {pinned} before JAX started (XLA intra-op pool of "
               f"{len(pinned)} thread(s); the twin on the same CPU(s))" if pinned else
-              f"process not pinned (--cpus all): XLA's intra-op pool uses the CPUs it found "
-              f"({len(os.sched_getaffinity(0))} allowed)"),
+              f"process not pinned: XLA's intra-op pool uses the CPUs it found "
+              f"({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} "
+              f"available)"),
              f"jitted side compiled with {vector_note}"]
     header = ["env", "batch", "turns T", "episodes E", "jitted steps/s (batch-major)",
               "jitted steps/s (batch-minor)", "twin steps/s", "major / twin", "minor / twin",

@@ -106,6 +106,13 @@ def test_cpus_option_checks_and_refuses_a_started_backend():
     assert B.pin_cpus("all") is None
 
 
+def test_cpus_without_affinity_support_warns_and_runs_unpinned(monkeypatch):
+    """On an OS without sched_setaffinity (macOS) --cpus K warns and leaves the process as is."""
+    monkeypatch.delattr(os, "sched_setaffinity", raising=False)
+    with pytest.warns(UserWarning, match="Linux only"):
+        assert B.pin_cpus("1") is None
+
+
 def test_vector_width_option(monkeypatch):
     """--vector-width: unknown values rejected; a width in XLA_FLAGS is kept; setting one after
     JAX's CPU client exists is refused (the flags were read already); 'xla' changes nothing."""
