@@ -248,6 +248,16 @@ def batch_inputs(states, acts, B: int, E: int, T: int):
     return s0, np.ascontiguousarray(a)
 
 
+def _jax_started() -> bool:
+    """JAX's backends (the XLA CPU client) already exist in this process (False when JAX's
+    private ``backends_are_initialized`` has moved: the check is then skipped)."""
+    try:
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:
+        return False
+    return backends_are_initialized()
+
+
 def pin_cpus(spec: str) -> list[int] | None:
     """Pin this process to the first K allowed CPUs (``spec`` = "K"), or leave it ("all").
 
@@ -268,11 +278,7 @@ def pin_cpus(spec: str) -> list[int] | None:
     if not 1 <= k <= len(allowed):
         raise ValueError(f"--cpus must be in [1, {len(allowed)}] (the CPUs this process may use: "
                          f"{allowed}) or 'all', got {spec!r}")
-    try:
-        from jax._src.xla_bridge import backends_are_initialized
-    except ImportError:                                  # private API moved: skip the check
-        backends_are_initialized = lambda: False         # noqa: E731
-    if backends_are_initialized():
+    if _jax_started():
         raise ValueError(f"--cpus {spec}: JAX's CPU client already exists in this process, so its "
                          f"thread pool can no longer be sized; run the benchmark in a fresh "
                          f"process (python -m benchmarks.env_throughput) or pass --cpus all")
@@ -303,11 +309,7 @@ def set_vector_width(choice: str) -> str:
     width = {"256": 256, "512": 512, "xla": None}.get(choice, 512 if _has_avx512() else None)
     if width is None:
         return "XLA's default vector width (256 bits)"
-    try:
-        from jax._src.xla_bridge import backends_are_initialized
-    except ImportError:
-        backends_are_initialized = lambda: False         # noqa: E731
-    if backends_are_initialized():
+    if _jax_started():
         raise ValueError(f"--vector-width {choice}: JAX's CPU client already exists in this "
                          f"process, so XLA_FLAGS can no longer take effect; run the benchmark in "
                          f"a fresh process or pass --vector-width xla")

@@ -126,8 +126,11 @@ def packed_take(words, idx, bits: int, fill=0) -> jax.Array:
     n = words.shape[0] * per
     inside = (idx >= 0) & (idx < n)
     k = jnp.where(inside, idx, 0)
-    w = take(words, k // per)
-    v = (w >> (bits * (k % per))) & ((1 << bits) - 1)
+    if words.shape[0] == 1:                             # one word: one shift
+        w, shift = words[0], bits * k
+    else:
+        w, shift = take(words, k // per), bits * (k % per)
+    v = (w >> shift) & ((1 << bits) - 1)
     return jnp.where(inside, v, jnp.asarray(fill, jnp.int32))
 
 

@@ -281,9 +281,6 @@ class MazeEnv(Env):
     def _blocked_cell(self, state: MazeState, r, c):
         """The cell (r, c) is a wall or off the grid: a shift of the packed wall words."""
         inside = (r >= 0) & (r < self.size) & (c >= 0) & (c < self.size)
-        if state.wall_words.shape[-1] == 1:             # <= 31 cells: one word, one shift
-            bit = (state.wall_words[0] >> jnp.clip(r * self.size + c, 0, 30)) & 1
-            return ~inside | (bit == 1)
         k = jnp.where(inside, r * self.size + c, -1)
         return token_ops.packed_take(state.wall_words, k, 1, fill=1) == 1
 
