@@ -62,7 +62,7 @@ from rl_agents.sampling import SamplingConfig, sample_tokens
 
 # ---------------------------------------------------------------------------------- model
 def bench_small(**overrides) -> models.ModelConfig:
-    """The issue's standard benchmark model (overridable fields for --quick)."""
+    """The standard benchmark model (overridable fields for --quick)."""
     kw = dict(vocab_size=vocab.size, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2,
               head_dim=32, d_ff=1024, max_seq_len=512, dtype="float32", param_dtype="float32",
               attention_impl="xla")

@@ -1,4 +1,4 @@
-"""SUPO on KeyChain: greedy success vs. working-context length L (issue 7).
+"""SUPO on KeyChain: greedy success vs. working-context length L.
 
 Methods (same architecture, same number of BC steps):
   (a) no summarization, context truncated at L: the plain model (BC on full oracle episodes)

@@ -1,4 +1,4 @@
-"""SUPO on KeyChain: GRPO with summarization-based context management (issue 7).
+"""SUPO on KeyChain: GRPO with summarization-based context management.
 
 The working context holds ``context.working_len`` = 64 tokens, about half of an oracle
 episode (``episode_tokens_needed`` = 121 at chain_len 4, 4 distractors): without summaries the

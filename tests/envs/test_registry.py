@@ -45,7 +45,7 @@ def test_lazy_import():
 def test_every_env_follows_the_contract(name):
     try:
         cls = envs.env_class(name)
-    except ModuleNotFoundError as e:   # a task module not written yet (another helper's)
+    except ModuleNotFoundError as e:   # a task module that is not there
         pytest.skip(f"{name}: {e}")
     env = envs.make(name)
     assert isinstance(env, Env) and isinstance(env, cls) and env.name == name

@@ -1,12 +1,10 @@
 """Learning regression tests (slow): RL must improve on a noisy-BC start.
 
-The issue's bar for CI is "one task to ≥ 80% greedy success in < 3 minutes": PPO on 2-hop
-``kv_search`` from a BC warm start on ε = 0.6 noisy oracle demos (3 BC epochs: greedy ≈ 0.67,
-sampled ≈ 0.02) reaches ≥ 80% greedy success within 40 updates (0.996 at update 30 and 1.000
-from update 40 in the learning benchmark, ``benchmarks/results/learning_s4``; ≈ 1.5 minutes
-on a 2-core CPU). The budget is fixed in updates, never asserted in seconds. Lower than the
-benchmark's 95% so that float differences between CPUs (which move the BC start) do not
-flip the test; the sampled success must also rise by ≥ 25 points.
+PPO on 2-hop ``kv_search`` from a BC warm start on ε = 0.6 noisy oracle demos (3 BC epochs:
+greedy ≈ 0.67, sampled ≈ 0.02) must reach ≥ 80% greedy success within 40 updates (≈ 1.5 minutes
+on a 2-core CPU). The budget is fixed in updates, never asserted in seconds, and the bar sits
+below what the run reaches so that float differences between CPUs (which move the BC start) do
+not flip the test; the sampled success must also rise by ≥ 25 points.
 """
 import jax
 import pytest
