@@ -21,7 +21,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["AXES", "BATCH_AXES", "make_mesh", "mesh_shape", "data_sharding", "replicated",
-           "param_shardings_from_logical", "param_shardings", "shard_params", "fit_spec_to_shape", "put_global"]
+           "param_shardings_from_logical", "param_shardings", "shard_params", "fit_spec_to_shape",
+           "put_global"]
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")

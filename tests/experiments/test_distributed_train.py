@@ -102,7 +102,7 @@ def final_params(workdir, total: int):
     return jax.tree.map(np.asarray, state.params)
 
 
-@pytest.mark.slow   # 100 s of CPU (2.5-4 min wall on 2 busy cores): 2-process job, resume, 1 process
+@pytest.mark.slow   # 100 s of CPU (2.5-4 min on 2 busy cores): 2-process job, resume, 1 process
 def test_two_process_training_matches_one_process_and_resumes(tmp_path, jax_cache):  # noqa: F811
     mp_wd, sp_wd = tmp_path / "two_processes", tmp_path / "one_process"
     t0 = time.time()
