@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 __all__ = ["initialize_from_env", "is_main_process", "process_local_batch_slice",
-           "global_array_from_local", "ENV_VARS"]
+           "global_array_from_local", "host_value", "ENV_VARS"]
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -132,3 +132,18 @@ def global_array_from_local(local: Any, mesh: jax.sharding.Mesh,
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(one, local)
+
+
+def host_value(x: Any) -> np.ndarray:
+    """The full value of ``x`` as a NumPy array, on every process.
+
+    A fully addressable or fully replicated array reads a local copy; an array sharded across
+    processes is gathered with ``process_allgather``, a collective: then every process must
+    call this for the same arrays in the same order.
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -21,7 +21,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["AXES", "BATCH_AXES", "make_mesh", "mesh_shape", "data_sharding", "replicated",
-           "param_shardings_from_logical", "param_shardings", "shard_params", "fit_spec_to_shape"]
+           "param_shardings_from_logical", "param_shardings", "shard_params", "fit_spec_to_shape",
+           "put_global"]
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -151,4 +152,31 @@ def shard_params(params: Any, specs_tree: Any, mesh: Mesh, rules: Sequence[tuple
         shardings = param_shardings_from_logical(specs_tree, mesh, rules, shapes=params)
     else:
         shardings = param_shardings(specs_tree, mesh, shapes=params)
-    return jax.device_put(params, shardings)
+    return put_global(params, shardings)
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)`` that also holds in a multi-process job.
+
+    Each process must hold the full value of every leaf (the same on all processes, e.g. an
+    init computed identically everywhere); it builds the shards of its own devices from that
+    copy (``jax.make_array_from_callback``, no communication). Plain ``device_put`` of an array
+    committed to one local device onto a sharding that spans other processes' devices either
+    refuses or, for a replicated target, yields an array whose per-device buffers carry the
+    global sharding (orbax then fails with "An argument array had 2 shard(s)"). Leaves that
+    already span several processes are resharded by ``device_put``; typed PRNG keys go
+    through their key data. One process: plain ``device_put``.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x if x.sharding == sharding else jax.device_put(x, sharding)
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding),
+                                            impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree, shardings)

@@ -25,7 +25,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 import envs
 from experiments import distributed
@@ -203,7 +202,8 @@ def eval_key(config, step: int) -> jax.Array:
 
 
 def _scalars(metrics) -> dict:
-    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+    """Host floats of a metrics dict, on every process (arrays may span several processes)."""
+    return {k: float(distributed.host_value(v)) for k, v in metrics.items()}
 
 
 def run_training(config, workdir: str, *, progress: bool = True) -> dict:

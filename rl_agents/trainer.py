@@ -216,7 +216,12 @@ class Trainer:
                             abstract, self.state_shardings)
 
     def place(self, state: TrainState) -> TrainState:
-        return state if self.state_shardings is None else jax.device_put(state, self.state_shardings)
+        """``state`` on ``state_shardings`` (global arrays in a multi-process job, built by each
+        process from its own identical copy: ``experiments.mesh.put_global``)."""
+        if self.state_shardings is None:
+            return state
+        from experiments.mesh import put_global
+        return put_global(state, self.state_shardings)
 
     # ---------------------------------------------------------------- init / BC warm start
     def init_params(self, key) -> dict:

@@ -41,9 +41,9 @@ WORKER = textwrap.dedent('''
     from experiments import distributed
     assert distributed.initialize_from_env()            # reads JAX_COORDINATOR_ADDRESS etc.
     import jax, jax.numpy as jnp
-    from experiments.mesh import make_mesh, data_sharding, replicated
+    from experiments.mesh import make_mesh, data_sharding, put_global, replicated
     from experiments.metrics import MetricsWriter
-    from tests.experiments.test_distributed import _data
+    from tests.experiments.test_distributed import D, _data
 
     out_dir = sys.argv[1]
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
@@ -55,7 +55,16 @@ WORKER = textwrap.dedent('''
     gx = distributed.global_array_from_local(x[rows], mesh)
     gy = distributed.global_array_from_local(y[rows], mesh)
     assert gx.shape == x.shape and not gx.is_fully_addressable
-    params = jax.device_put({"w": jnp.asarray(w0), "b": jnp.float32(0.05)}, replicated(mesh))
+    # put_global: arrays committed to one local device (identical on every process) -> global
+    # arrays whose shards are plain per-device buffers (what orbax and jit expect).
+    local = jax.device_put({"w": jnp.asarray(w0), "b": jnp.float32(0.05)}, jax.local_devices()[0])
+    params = put_global(local, {"w": replicated(mesh), "b": replicated(mesh)})
+    for a in jax.tree.leaves(params):
+        assert [s.data.shape for s in a.addressable_shards] == [a.shape] * 2
+    gx2 = put_global(jax.device_put(x, jax.local_devices()[0]), dsh)
+    assert [s.data.shape for s in gx2.addressable_shards] == [(2, D)] * 2
+    assert np.array_equal(distributed.host_value(gx2), x)   # gathered across processes
+    assert np.array_equal(distributed.host_value(params["w"]), w0)
 
     def loss_fn(p, x, y):
         return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
