@@ -8,6 +8,7 @@ NaN rewards are injected by ``NanReward``, a test wrapper around the trainer's e
 trainer of the same config with the wrapped env shares the state's structure)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -31,6 +32,8 @@ from rl_agents.nonfinite import all_finite
 from rl_agents.summarization import make_trainer
 from rl_agents.trainer import NONFINITE_STEP, minibatch_epochs
 
+GOOD = 2      # clean updates before the NaN rewards start (host-loop tests)
+LIMIT = 3     # config.rl.max_nonfinite_updates
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_MODEL = dict(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, attention_impl="xla")
 
@@ -54,19 +57,27 @@ def tiny_config(name: str):
                                                    max_summaries=1, overlong_mask=False))
     else:
         c = make_config("guess_number", name)
+    c.update(dict(total_updates=10, eval_every=10, checkpoint_every=1, keep_checkpoints=10))
     c.model.update(TINY_MODEL)
     c.rollout.update(num_groups=2, group_size=2, eval_episodes=2)
-    c.rl.update(epochs=1, minibatches=2, logprob_chunk=0)
+    c.rl.update(epochs=1, minibatches=2, logprob_chunk=0, max_nonfinite_updates=LIMIT)
     c.optim.warmup_steps = 0
     c.bc.episodes = 0
     return c
 
 
-def nan_trainer(config, mesh=None):
-    """A trainer of ``config`` whose env returns NaN rewards."""
-    t = make_trainer(config, mesh)
-    t.env = NanReward(t.env)
-    return t
+_TRAINERS: dict = {}
+
+
+def trainers(name: str):
+    """``(config, clean trainer, trainer whose env returns NaN rewards)``, built once per name
+    (the tests share their compiled updates)."""
+    if name not in _TRAINERS:
+        config = tiny_config(name)
+        bad = make_trainer(config)
+        bad.env = NanReward(bad.env)
+        _TRAINERS[name] = (config, make_trainer(config), bad)
+    return _TRAINERS[name]
 
 
 def host(tree):
@@ -133,8 +144,7 @@ TRAINED = {"ppo": ("params", "opt_state"),
 def test_nan_batch_skips_the_update(name):
     """A batch with NaN rewards: the trained state is bit-identical to before the update,
     ``update/skipped_nonfinite`` = 1, key and step advance; a normal batch afterwards trains."""
-    config = tiny_config(name)
-    clean, bad = make_trainer(config), nan_trainer(config)
+    _, clean, bad = trainers(name)
     state = clean.init(jax.random.PRNGKey(0))
     before = host({f: getattr(state, f) for f in TRAINED[name]})
     key0 = np.asarray(state.key)
@@ -156,45 +166,42 @@ def test_nan_batch_skips_the_update(name):
 
 
 # ----------------------------------------------------------------------------- the host loop
-GOOD = 2      # clean updates before the NaN rewards start
-LIMIT = 3
+@pytest.fixture
+def one_device(monkeypatch):
+    """``run_training`` without a mesh (the test process has eight devices, tests/conftest.py)."""
+    check = run_lib.check_config
+    monkeypatch.setattr(run_lib, "check_config", lambda cfg: check(cfg, num_devices=1))
+    monkeypatch.setattr(run_lib, "make_mesh", lambda m: None)
 
 
-@pytest.mark.slow   # ~40 s of CPU each: two trainers' updates compile
 @pytest.mark.parametrize("name", ["ppo", "archer"])
-def test_run_training_stops_and_keeps_last_good_checkpoint(name, tmp_path, monkeypatch):
-    config = tiny_config(name)
-    config.update(dict(total_updates=10, eval_every=10, checkpoint_every=1, keep_checkpoints=10))
-    config.rl.max_nonfinite_updates = LIMIT
-    build = run_lib.build_trainer
+def test_run_training_stops_and_keeps_last_good_checkpoint(name, tmp_path, monkeypatch,
+                                                           one_device):
+    """GOOD clean updates, then NaN rewards: the run stops at step GOOD + LIMIT with one line;
+    the latest checkpoint holds the finite parameters of step GOOD."""
+    config, clean, bad = trainers(name)
 
     def build_switching(cfg, mesh=None):
-        """Clean updates up to step GOOD, NaN rewards after."""
-        clean, bad = build(cfg, mesh), nan_trainer(cfg, mesh)
-        clean_update = clean.update
-        clean.update = lambda s: (clean_update if int(s.step) < GOOD else bad.update)(s)
-        return clean
+        """The clean trainer for updates 1..GOOD, NaN rewards after."""
+        t = copy.copy(clean)
+        t.update = lambda s: (clean if int(s.step) < GOOD else bad).update(s)
+        return t
 
     monkeypatch.setattr(run_lib, "build_trainer", build_switching)
-    # one device of the test process's eight (tests/conftest.py)
-    check, make_mesh = run_lib.check_config, run_lib.make_mesh
-    monkeypatch.setattr(run_lib, "check_config", lambda cfg: check(cfg, num_devices=1))
-    monkeypatch.setattr(run_lib, "make_mesh", lambda m: make_mesh(m, devices=jax.devices()[:1]))
     wd = str(tmp_path / "wd")
     with pytest.raises(run_lib.NonFiniteError) as err:
         run_lib.run_training(config, wd, progress=False)
     last = GOOD + LIMIT
     msg = str(err.value)
     assert "\n" not in msg and f"{LIMIT} updates in a row" in msg and f"step {last}" in msg
-    assert "max_nonfinite_updates=3" in msg and f"latest checkpoint: step {last - 1}" in msg
+    assert f"max_nonfinite_updates={LIMIT}" in msg and f"latest checkpoint: step {last - 1}" in msg
 
     with open(os.path.join(wd, "metrics.jsonl")) as f:
         rows = {r["step"]: r for r in map(json.loads, f)}
     assert [rows[s]["update/skipped_nonfinite"] for s in range(1, last + 1)] == \
         [0.0] * GOOD + [1.0] * LIMIT
 
-    monkeypatch.setattr(run_lib, "build_trainer", build)
-    trainer, state, step = run_lib.restore_latest(config, wd)
+    trainer, state, step = run_lib.restore_latest(config, wd, trainer=clean)
     assert step == last - 1            # the step that hit the limit is not saved
     ckpt = Checkpointer(os.path.join(wd, "checkpoints"), keep=10, save_every=1)
     good, _ = ckpt.restore(GOOD, trainer.abstract_state())
@@ -225,3 +232,22 @@ def test_train_cli_reports_nonfinite_stop(tmp_path):
     assert p.returncode == 1, p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1] == \
         "error: 3 updates in a row had a non-finite loss"
+
+
+def test_run_training_refuses_nonfinite_initial_params(tmp_path, monkeypatch, one_device):
+    """Initial parameters with a NaN (e.g. a diverged BC warm start) are never saved."""
+
+    def build_nan_init(cfg, mesh=None):
+        t = copy.copy(trainers("ppo")[1])
+        init = t.init
+        t.init = lambda key, **kw: (lambda s: s.replace(params=jax.tree.map(
+            lambda x: jnp.full_like(x, jnp.nan), s.params)))(init(key, **kw))
+        return t
+
+    monkeypatch.setattr(run_lib, "build_trainer", build_nan_init)
+    wd = str(tmp_path / "wd")
+    with pytest.raises(run_lib.NonFiniteError, match="initial parameters"):
+        run_lib.run_training(trainers("ppo")[0], wd, progress=False)
+    ckpt = Checkpointer(os.path.join(wd, "checkpoints"), keep=1, save_every=1)
+    assert ckpt.all_steps() == []
+    ckpt.close()
