@@ -14,6 +14,12 @@
    step, metrics every ``log_every``, greedy eval every ``eval_every``, a checkpoint every
    ``checkpoint_every`` and at the end. SIGTERM saves and stops. Same seed, config and device
    count give the same ``metrics.jsonl`` lines and parameters, resumed or not.
+4. Non-finite updates: the jitted update skips an update whose loss or gradient is NaN / inf
+   (``rl_agents.nonfinite``: parameters and optimizer state stay as before it, the metric
+   ``update/skipped_nonfinite`` is 1). After ``config.rl.max_nonfinite_updates`` skipped updates
+   in a row the loop stops with a :class:`NonFiniteError`, without saving that last step; every
+   checkpoint holds finite parameters (initial parameters that are not finite are refused
+   before the first save).
 """
 from __future__ import annotations
 
@@ -36,11 +42,12 @@ from rl_agents import losses
 from rl_agents.advantages import estimator_hparams
 from rl_agents.bc import BC_DECAYS
 from rl_agents.algorithms import get_algorithm
+from rl_agents.nonfinite import all_finite
 from rl_agents.summarization import make_trainer
 from rl_agents.trainer import Trainer
 
-__all__ = ["ConfigError", "RUN_LENGTH_KEYS", "CONFIG_FILE", "config_fingerprint", "flat_config",
-           "config_diff", "check_config", "build_trainer", "check_workdir_config",
+__all__ = ["ConfigError", "NonFiniteError", "RUN_LENGTH_KEYS", "CONFIG_FILE", "config_fingerprint",
+           "flat_config", "config_diff", "check_config", "build_trainer", "check_workdir_config",
            "restore_latest", "run_training", "eval_key"]
 
 #: Keys that may change between a run and its resumption (they do not shape the training).
@@ -197,6 +204,11 @@ def restore_latest(config, workdir: str, trainer: Trainer | None = None):
 
 
 # ----------------------------------------------------------------------------- the loop
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss / gradient too many updates in a row (or non-finite
+    initial parameters); the message is one line."""
+
+
 def eval_key(config, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
 
@@ -228,8 +240,14 @@ def run_training(config, workdir: str, *, progress: bool = True) -> dict:
         _write_workdir_config(config, workdir)
     if latest is None:
         state = trainer.init(jax.random.PRNGKey(config.seed), verbose=main and progress)
+        if not bool(jax.jit(all_finite)(state.params)):
+            ckpt.close()
+            raise NonFiniteError("the initial parameters (after the BC warm start) are not "
+                                 "finite; nothing was saved (lower config.bc.lr?)")
         ckpt.save(0, state, {"config_fingerprint": fingerprint}, force=True)
     start = int(state.step)
+    max_skipped = int(config.rl.max_nonfinite_updates)
+    skipped, failure = 0, None
     writer = MetricsWriter(workdir, enabled=main, resume_step=start)
     t0 = time.time()
     final_success = None
@@ -237,8 +255,10 @@ def run_training(config, workdir: str, *, progress: bool = True) -> dict:
     with PreemptionGuard() as guard:
         for step in range(start + 1, config.total_updates + 1):
             state, metrics = trainer.update(state)
+            skipped = skipped + 1 if float(metrics["update/skipped_nonfinite"]) > 0 else 0
             out = {}
-            if step % config.log_every == 0 or step == config.total_updates:
+            if (step % config.log_every == 0 or step == config.total_updates
+                    or skipped >= max_skipped):
                 out.update(_scalars(metrics))
             if step % config.eval_every == 0 or step == config.total_updates:
                 ev, _ = trainer.evaluate(state.params["policy"], eval_key(config, step),
@@ -253,6 +273,13 @@ def run_training(config, workdir: str, *, progress: bool = True) -> dict:
                 if "loss" in out:
                     bar.set_postfix(loss=f"{out['loss']:.3f}",
                                     success=f"{out.get('rollout/success_rate', float('nan')):.2f}")
+            if skipped >= max_skipped:   # no save: the latest checkpoint keeps the last good params
+                failure = NonFiniteError(
+                    f"{skipped} updates in a row (steps {step - skipped + 1}-{step}) had a "
+                    f"non-finite loss or gradient and were skipped "
+                    f"(config.rl.max_nonfinite_updates={max_skipped}); stopped at step {step}, "
+                    f"latest checkpoint: step {ckpt.latest_step()} (finite parameters)")
+                break
             preempted = guard.should_stop
             ckpt.save(step, state, {"config_fingerprint": fingerprint},
                       force=preempted or step == config.total_updates)
@@ -264,5 +291,7 @@ def run_training(config, workdir: str, *, progress: bool = True) -> dict:
         bar.close()
     writer.close()
     ckpt.close()
+    if failure is not None:
+        raise failure
     return {"final_success_rate": final_success, "start_step": start, "updates": int(state.step),
             "wall_s": time.time() - t0, "state": state, "trainer": trainer}

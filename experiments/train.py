@@ -8,7 +8,10 @@ preemption) saves a checkpoint and exits with status 0.
 
 A bad command line or config (unknown / ill-typed override, mesh product != device count, batch
 not divisible by the data axes, a workdir holding a different config, a checkpoint that does not
-fit) exits with status 2 and one ``error: ...`` line on stderr naming the problem.
+fit) exits with status 2 and one ``error: ...`` line on stderr naming the problem. Training that
+stops on non-finite updates (``config.rl.max_nonfinite_updates`` skipped updates in a row, see
+``experiments.run``) exits with status 1 and one ``error: ...`` line; its latest checkpoint
+holds the last finite parameters.
 """
 from __future__ import annotations
 
@@ -37,13 +40,13 @@ def main(argv):
     distributed.initialize_from_env()
     # jax-heavy modules after the distributed init
     from experiments.checkpointing import CheckpointError
-    from experiments.run import ConfigError, run_training
+    from experiments.run import ConfigError, NonFiniteError, run_training
 
     try:
         result = run_training(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, CheckpointError) as e:   # config / checkpoint errors: one clear line
+    except (ConfigError, CheckpointError, NonFiniteError) as e:   # one clear line
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(e, NonFiniteError) else 2)
     if not distributed.is_main_process():
         return
     wd = os.path.abspath(FLAGS.workdir)

@@ -96,7 +96,7 @@ check_mesh_sizes = _positive_ints(("mesh.data", "mesh.fsdp", "mesh.tensor"))
 check_positive_sizes = _positive_ints((
     "eval_every", "checkpoint_every", "log_every", "keep_checkpoints",
     "rollout.num_groups", "rollout.group_size", "rollout.eval_episodes",
-    "rl.epochs", "rl.minibatches",
+    "rl.epochs", "rl.minibatches", "rl.max_nonfinite_updates",
     "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff"))
 check_non_negative = _positive_ints(("total_updates", "optim.warmup_steps", "rollout.top_k"), minimum=0)
 

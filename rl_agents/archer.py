@@ -37,6 +37,11 @@ critic's discount too), and ``archer.{tau, replay_episodes, critic_updates, crit
 critic_lr, whiten}`` (missing keys take ``ArcherConfig``'s defaults). State: ``ArcherState``
 = ``TrainState`` with ``opt_state`` the policy optimizer's state, plus ``critic_opt_state``,
 ``target_value`` and ``replay``; ``params = {"policy", "value"}`` as for the other critics.
+
+Non-finite guard (``rl_agents.nonfinite``): critic and actor steps with a NaN / inf loss or
+gradient are skipped, and such a step, non-finite new parameters or non-finite fresh turn
+rewards skip the whole update: params, both optimizer states, the target critic, the replay
+buffer (the fresh episodes are not inserted) and the PRM stay as before it.
 """
 from __future__ import annotations
 
@@ -53,9 +58,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import models
+from envs.wrappers import tree_select
 from rl_agents import bc as bc_lib
 from rl_agents import dapo, losses
 from rl_agents.advantages import broadcast_turns, masked_gae, masked_whiten, per_turn_sum
+from rl_agents.nonfinite import (NONFINITE_STEP, PRM_NONFINITE_STEP, all_finite, guarded_step,
+                                 nonfinite_metrics)
 from rl_agents.rollout import Trajectory
 from rl_agents.trainer import TrainState, Trainer, episode_metrics
 
@@ -232,6 +240,10 @@ def replay_sample(buf: ReplayBuffer, key: jax.Array, n: int) -> tuple[dict, jax.
 # ============================================================================================
 # Trainer
 # ============================================================================================
+#: Per-step flag in the critic steps' stacked metrics: the step was not finite.
+CRITIC_NONFINITE_STEP = "critic/nonfinite_step"
+
+
 @struct.dataclass
 class ArcherState(TrainState):
     """``TrainState`` (``opt_state``: the policy optimizer's) + the critic's optimizer state,
@@ -369,11 +381,13 @@ class ArcherTrainer(Trainer):
         value, opt_state, target, replay = carry
         rows, _ = replay_sample(replay, key, self.archer.critic_batch)
         rows = self._shard_rows(rows)
-        grads, metrics = jax.grad(self.critic_loss, has_aux=True)(value, target, rows)
-        updates, opt_state = self.critic_optimizer.update(grads, opt_state, value)
-        value = optax.apply_updates(value, updates)
+        (loss, metrics), grads = jax.value_and_grad(self.critic_loss, has_aux=True)(
+            value, target, rows)
+        value, opt_state, grad_norm, bad = guarded_step(self.critic_optimizer, value, opt_state,
+                                                        loss, grads)
         target = polyak(target, value, self.archer.tau)
-        metrics["critic/grad_norm"] = optax.global_norm(grads)
+        metrics["critic/grad_norm"] = grad_norm
+        metrics[CRITIC_NONFINITE_STEP] = bad.astype(jnp.float32)
         return (value, opt_state, target, replay), metrics
 
     # ---------------------------------------------------------------- actor
@@ -418,6 +432,17 @@ class ArcherTrainer(Trainer):
             batch["ref_logp"] = ref_logp
         policy, opt_state, metrics = self._optimize(self.actor_loss_fn, state.params["policy"],
                                                     state.opt_state, batch, k_perm)
+        # non-finite guard (rl_agents.nonfinite): a bad actor / critic / PRM step, non-finite new
+        # params or non-finite fresh turn rewards (kept out of the replay) skip the whole update
+        bad_steps = (metrics.pop(NONFINITE_STEP).sum()
+                     + critic_metrics.pop(CRITIC_NONFINITE_STEP).sum()
+                     + reward_metrics.get(PRM_NONFINITE_STEP, 0.0))
+        params = {"policy": policy, "value": value}
+        skip = (bad_steps > 0) | ~all_finite((params, target, prm, turn_r))
+        params, opt_state, critic_opt, target, replay, prm = tree_select(
+            skip, (state.params, state.opt_state, state.critic_opt_state, state.target_value,
+                   state.replay, state.prm),
+            (params, opt_state, critic_opt, target, replay, prm))
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics.update(jax.tree.map(jnp.mean, critic_metrics))
         tv = traj.turn_valid
@@ -429,8 +454,9 @@ class ArcherTrainer(Trainer):
         metrics.update(episode_metrics(env_traj, "rollout"))
         metrics.update(reward_metrics)
         metrics["rollout/kept_fraction"] = row_weight.mean()
+        metrics.update(nonfinite_metrics(skip, bad_steps))
         new_state = state.replace(
-            params={"policy": policy, "value": value}, opt_state=opt_state, key=key,
+            params=params, opt_state=opt_state, key=key,
             step=state.step + 1, prm=prm, critic_opt_state=critic_opt, target_value=target,
             replay=replay)
         return new_state, metrics

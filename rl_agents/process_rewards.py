@@ -41,10 +41,10 @@ import numbers
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from rl_agents import losses
 from rl_agents.advantages import per_turn_sum
+from rl_agents.nonfinite import PRM_NONFINITE_STEP, guarded_step
 
 TRANSFORMS = ("none", "clip", "delta")
 
@@ -116,13 +116,17 @@ def prm_loss(prm_model, prm_params, batch: dict, *, beta, temperature: float = 1
 def prm_update(prm_params, opt_state, batch: dict, *, prm_model, optimizer, beta,
                temperature: float = 1.0):
     """One optax step on ``prm_loss``: ``(prm_params, opt_state, metrics)`` (jitted; also
-    traceable inside a larger jit). ``optimizer`` is an ``optax.GradientTransformation``."""
-    grads, metrics = jax.grad(
+    traceable inside a larger jit). ``optimizer`` is an ``optax.GradientTransformation``. A
+    non-finite loss or gradient skips the step (``nonfinite.guarded_step``: params and state
+    unchanged, ``prm/nonfinite_step`` = 1)."""
+    (loss, metrics), grads = jax.value_and_grad(
         lambda p: prm_loss(prm_model, p, batch, beta=beta, temperature=temperature),
         has_aux=True)(prm_params)
-    updates, opt_state = optimizer.update(grads, opt_state, prm_params)
-    metrics = dict(metrics, **{"prm/grad_norm": optax.global_norm(grads)})
-    return optax.apply_updates(prm_params, updates), opt_state, metrics
+    prm_params, opt_state, grad_norm, bad = guarded_step(optimizer, prm_params, opt_state, loss,
+                                                         grads)
+    metrics = dict(metrics, **{"prm/grad_norm": grad_norm,
+                               PRM_NONFINITE_STEP: bad.astype(jnp.float32)})
+    return prm_params, opt_state, metrics
 
 
 def prime_process_rewards(prm_model, prm_params, opt_state, batch: dict, *, optimizer, beta,

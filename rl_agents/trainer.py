@@ -8,6 +8,13 @@
     → ``epochs`` × ``minibatches`` optimizer steps (lax.scan), PPO-clip policy loss
       + value loss + KL loss − entropy bonus.
 
+Non-finite guard: an optimizer step whose loss or gradient norm is NaN / inf is skipped
+(``minibatch_epochs``), and an update with any such step (the PRIME PRM's included) or with
+non-finite new parameters is skipped whole: parameters, optimizer states and the PRM are those
+from before the update; only ``key`` and ``step`` advance, so the next update samples a new
+batch. ``update/skipped_nonfinite`` (0 / 1) and ``update/nonfinite_steps`` report it; the host
+loop stops after ``config.rl.max_nonfinite_updates`` skipped updates in a row.
+
 ``make_train(config)`` returns ``train(key)``: init (with the BC warm start) and
 ``lax.scan(update)`` over ``total_updates``, the whole run as one XLA program. The host loop in
 ``experiments/train.py`` calls ``Trainer.update`` instead, for logging, eval and checkpoints.
@@ -29,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 import envs
 import models
 from envs import vocab
+from envs.wrappers import tree_select
 from experiments.validation import LR_DECAYS
 from rl_agents import bc as bc_lib
 from rl_agents import dapo, losses
@@ -36,6 +44,8 @@ from rl_agents import process_rewards as process_lib
 from rl_agents import reward_models as rm_lib
 from rl_agents.advantages import AdvantageInputs, compute_advantages
 from rl_agents.algorithms import get_algorithm
+from rl_agents.nonfinite import (NONFINITE_STEP, PRM_NONFINITE_STEP, all_finite, guarded_step,
+                                 nonfinite_metrics)
 from rl_agents.rollout import Trajectory, rollout
 from rl_agents.sampling import SamplingConfig
 
@@ -401,10 +411,15 @@ class Trainer:
         batch = self._prepare(state, traj, row_weight)
         params, opt_state, metrics = self._optimize(self.loss_fn, state.params, state.opt_state,
                                                     batch, k_perm)
+        bad_steps = metrics.pop(NONFINITE_STEP).sum() + reward_metrics.get(PRM_NONFINITE_STEP, 0.0)
+        skip = (bad_steps > 0) | ~all_finite((params, prm))
+        params, opt_state, prm = tree_select(skip, (state.params, state.opt_state, state.prm),
+                                             (params, opt_state, prm))
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics.update(episode_metrics(env_traj, "rollout"))    # env returns, not the learned ones
         metrics.update(reward_metrics)
         metrics["rollout/kept_fraction"] = row_weight.mean()
+        metrics.update(nonfinite_metrics(skip, bad_steps))
         new_state = state.replace(params=params, opt_state=opt_state, key=key, step=state.step + 1,
                                   prm=prm)
         return new_state, metrics
@@ -447,6 +462,10 @@ def minibatch_epochs(loss_fn, optimizer, params, opt_state, batch: dict, key, *,
     optimizer step per minibatch, as nested ``lax.scan``s. Returns (params, opt_state, metrics
     stacked [epochs, minibatches]).
 
+    A step whose loss or gradient global norm is not finite (NaN / inf) is skipped: parameters
+    and optimizer state stay as they were (the optimizer's step count too), later steps go on;
+    ``update/nonfinite_step`` = 1 on such steps (``NONFINITE_STEP``).
+
     ``target_kl`` > 0 adds PPO's KL early stopping (Stable-Baselines3 ``target_kl``): once a
     minibatch's ``policy/approx_kl`` (KL(π_old‖π) of the current parameters, measured before
     its step) exceeds 1.5·target_kl, that step and every later step of this update are skipped
@@ -461,14 +480,15 @@ def minibatch_epochs(loss_fn, optimizer, params, opt_state, batch: dict, key, *,
 
         def minibatch(carry, mb):
             params, opt_state, stopped = carry
-            grads, metrics = jax.grad(loss_fn, has_aux=True)(params, mb)
-            updates, new_opt = optimizer.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            metrics["grad_norm"] = optax.global_norm(grads)
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+            new_params, new_opt, grad_norm, bad = guarded_step(optimizer, params, opt_state,
+                                                               loss, grads)
+            metrics["grad_norm"] = grad_norm
+            metrics[NONFINITE_STEP] = bad.astype(jnp.float32)
             if target_kl > 0:
                 stopped = stopped | (metrics["policy/approx_kl"] > 1.5 * target_kl)
-                keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(stopped, o, n), new, old)
-                new_params, new_opt = keep(new_params, params), keep(new_opt, opt_state)
+                new_params, new_opt = tree_select(stopped, (params, opt_state),
+                                                  (new_params, new_opt))
                 metrics["policy/kl_stopped"] = stopped.astype(jnp.float32)
             return (new_params, new_opt, stopped), metrics
 

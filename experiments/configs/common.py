@@ -49,6 +49,7 @@ def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collec
         overlong_cache_len=0,                        # DAPO overlong penalty window in tokens (0: off)
         logprob_chunk=128,                           # T-chunked log-probs (0: full [B,T,V] logits)
         target_kl=0.0,                               # PPO KL early stopping at 1.5·target_kl (0: off)
+        max_nonfinite_updates=3,                     # stop after this many NaN / inf updates in a row
         advantage_kwargs=ml_collections.ConfigDict(),
     ))
     if algorithm == "ppo":

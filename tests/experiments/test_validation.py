@@ -59,7 +59,7 @@ def test_mesh_product():
     ("mesh.data", 0), ("mesh.fsdp", -1), ("eval_every", 0), ("checkpoint_every", -5),
     ("log_every", 0), ("keep_checkpoints", 0), ("rollout.num_groups", 0), ("rollout.group_size", 0),
     ("rl.epochs", 0), ("rl.minibatches", 0), ("model.n_heads", 0), ("model.d_model", 2.5),
-    ("rollout.eval_episodes", True),
+    ("rollout.eval_episodes", True), ("rl.max_nonfinite_updates", 0),
 ])
 def test_non_positive_sizes(field, value):
     c = base_config()

@@ -1,0 +1,57 @@
+"""Guarding the update against a non-finite loss or gradient (NaN / inf).
+
+One bad batch (a NaN reward, an overflow) would otherwise write NaN into the parameters, the
+optimizer state and every later checkpoint. Two levels, both inside the jitted update:
+
+* ``guarded_step``: one optax step that leaves parameters and optimizer state unchanged when the
+  loss or the gradient's global norm is not finite (every optimizer step of an update uses it:
+  ``trainer.minibatch_epochs``, ArCHer's critic step, the PRIME PRM step).
+* the update: if any of its steps was not finite, or its new parameters are not, the trainers
+  return the trained state from before the update (parameters, optimizer states, PRM, ArCHer's
+  critic target and replay buffer); ``key`` and ``step`` still advance. ``nonfinite_metrics``
+  reports it as ``update/skipped_nonfinite`` (0 / 1) and ``update/nonfinite_steps``.
+
+The state's structure is unchanged (no counters in the optimizer state, unlike
+``optax.apply_if_finite``), so checkpoints and shardings are the same with or without the guard.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from envs.wrappers import tree_select
+
+__all__ = ["NONFINITE_STEP", "PRM_NONFINITE_STEP", "all_finite", "guarded_step",
+           "nonfinite_metrics"]
+
+#: Per-step flag in the stacked metrics of ``minibatch_epochs``: the step was not finite.
+NONFINITE_STEP = "update/nonfinite_step"
+#: The same flag of the PRIME PRM's step (``process_rewards.prm_update``).
+PRM_NONFINITE_STEP = "prm/nonfinite_step"
+
+
+def all_finite(tree) -> jax.Array:
+    """bool ``[]``: no floating-point leaf of ``tree`` holds a NaN or an inf."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
+def guarded_step(optimizer, params, opt_state, loss, grads):
+    """One optax step that is skipped when ``loss`` or the gradient's global norm is not
+    finite: ``(params, opt_state, grad_norm, skipped)`` (the old ones when skipped)."""
+    grad_norm = optax.global_norm(grads)
+    bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    updates, new_opt = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    new_params, new_opt = tree_select(bad, (params, opt_state), (new_params, new_opt))
+    return new_params, new_opt, grad_norm, bad
+
+
+def nonfinite_metrics(skip, bad_steps) -> dict:
+    """The update's guard metrics: ``update/skipped_nonfinite`` (1.0: this update was skipped,
+    its trained state is the one before it) and ``update/nonfinite_steps`` (how many optimizer
+    steps of the update had a non-finite loss or gradient)."""
+    return {"update/skipped_nonfinite": skip.astype(jnp.float32),
+            "update/nonfinite_steps": jnp.asarray(bad_steps, jnp.float32)}
