@@ -255,7 +255,8 @@ def run_training(config, workdir: str, *, progress: bool = True) -> dict:
     with PreemptionGuard() as guard:
         for step in range(start + 1, config.total_updates + 1):
             state, metrics = trainer.update(state)
-            skipped = skipped + 1 if float(metrics["update/skipped_nonfinite"]) > 0 else 0
+            bad = float(distributed.host_value(metrics["update/skipped_nonfinite"])) > 0
+            skipped = skipped + 1 if bad else 0
             out = {}
             if (step % config.log_every == 0 or step == config.total_updates
                     or skipped >= max_skipped):
