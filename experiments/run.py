@@ -51,7 +51,8 @@ __all__ = ["ConfigError", "NonFiniteError", "RUN_LENGTH_KEYS", "CONFIG_FILE", "c
            "restore_latest", "run_training", "eval_key"]
 
 #: Keys that may change between a run and its resumption (they do not shape the training).
-RUN_LENGTH_KEYS = ("total_updates", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every")
+RUN_LENGTH_KEYS = ("total_updates", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every",
+                   "rl.max_nonfinite_updates")
 CONFIG_FILE = "config.json"
 
 
@@ -78,10 +79,16 @@ def _shaping(flat: dict) -> dict:
 
 
 def config_fingerprint(config) -> str:
-    """Hash of everything that shapes the run except its length and logging cadence."""
+    """Hash of everything that shapes the run except its length and logging cadence (the
+    ``RUN_LENGTH_KEYS``, dotted for nested ones)."""
     d = json.loads(config.to_json_best_effort(sort_keys=True))
     for k in RUN_LENGTH_KEYS:
-        d.pop(k, None)
+        *parents, leaf = k.split(".")
+        node = d
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

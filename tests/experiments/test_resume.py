@@ -141,3 +141,18 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, jax_cache)
     assert text.count("# greedy episode") == 2 and text.count("# sampled episode") == 2
     body = text.split("# greedy episode 0", 1)[1].split("# greedy episode 1", 1)[0]
     assert "prompt:" in body and "turn 1:" in body    # a rendered prompt and its turns
+
+
+def test_max_nonfinite_updates_is_a_run_length_key():
+    """The non-finite stop limit may change on resume: it is outside the fingerprint and the
+    config diff, like total_updates; a shaping key still changes both."""
+    from experiments import configs
+    from experiments.run import config_diff, config_fingerprint, flat_config
+
+    a = configs.load("default")
+    b = configs.load("default", {"rl.max_nonfinite_updates": 7, "total_updates": 5})
+    c = configs.load("default", {"rl.kl_coef": 0.5})
+    assert config_fingerprint(a) == config_fingerprint(b)
+    assert config_diff(flat_config(a), flat_config(b)) == []
+    assert config_fingerprint(a) != config_fingerprint(c)
+    assert config_diff(flat_config(a), flat_config(c)) == ["rl.kl_coef: 0.04 -> 0.5"]
