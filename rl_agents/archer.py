@@ -429,6 +429,7 @@ class ArcherTrainer(Trainer):
         metrics.update(episode_metrics(env_traj, "rollout"))
         metrics.update(reward_metrics)
         metrics["rollout/kept_fraction"] = row_weight.mean()
+        metrics.update(self.collect_metrics)
         new_state = state.replace(
             params={"policy": policy, "value": value}, opt_state=opt_state, key=key,
             step=state.step + 1, prm=prm, critic_opt_state=critic_opt, target_value=target,

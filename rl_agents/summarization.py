@@ -583,19 +583,16 @@ class SupoTrainer(Trainer):
 
     def _collect(self, params, key):
         """Episodes and their weights ``[B]`` (dynamic sampling as in ``Trainer._collect``)."""
+        self.collect_metrics = {}
         if not self.algorithm.dynamic_sampling:
             traj = self._sample_groups(params, key, num_groups=self.num_groups,
                                        group_size=self.group_size)
             weight = jnp.ones((self.num_episodes,), jnp.float32)
         else:
-            n_total = max(self.num_groups, int(round(self.num_groups * self.config.rl.oversample)))
-            traj = self._sample_groups(params, key, num_groups=n_total, group_size=self.group_size)
-            idx, keep = dapo.select_informative_groups(
-                traj.episode_return.reshape(n_total, self.group_size), self.num_groups)
-            traj = dapo.gather_groups(traj, idx, self.group_size)
-            traj = traj.replace(group_ids=jnp.repeat(jnp.arange(self.num_groups, dtype=jnp.int32),
-                                                     self.group_size))
-            weight = jnp.repeat(keep, self.group_size).astype(jnp.float32)
+            traj = self._sample_groups(params, key, num_groups=self.oversampled_groups(),
+                                       group_size=self.group_size)
+            traj, weight, self.collect_metrics = dapo.dynamic_sampling(
+                traj, self.num_groups, self.group_size)
         self._traced_traj = traj   # read back by _update within the same trace (SUPO metrics)
         return traj, weight
 

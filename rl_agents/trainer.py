@@ -119,6 +119,7 @@ class Trainer:
             self.prm_optimizer = optax.chain(optax.clip_by_global_norm(o.grad_clip),
                                              optax.adam(self.process_cfg.lr))
         self.rm_metrics: dict = {}
+        self.collect_metrics: dict = {}   # set by _collect while an update is traced
         self.evaluate = jax.jit(self._evaluate, static_argnames=("episodes", "greedy"))
         self.sample_groups = jax.jit(self._sample_groups, static_argnames=("num_groups", "group_size"))
         if mesh is None:
@@ -244,20 +245,26 @@ class Trainer:
 
     # ---------------------------------------------------------------- rollout + batch
     def _collect(self, params, key) -> tuple[Trajectory, jax.Array]:
-        """Rollouts for one update; with dynamic sampling, oversample groups and keep the
-        informative ones (all-equal-reward groups dropped, masked if too few remain)."""
+        """Rollouts for one update and their row weights ``[B]``. With dynamic sampling
+        (``dapo.dynamic_sampling``): ``round(num_groups · oversample)`` groups are sampled and
+        the groups with 0 < #successes < G kept (filler groups weighted 0 if too few). Its
+        metrics (``dapo/kept_fraction``) are left in ``self.collect_metrics`` for the update
+        being traced."""
+        self.collect_metrics = {}
         if not self.algorithm.dynamic_sampling:
             traj = self._sample_groups(params, key, num_groups=self.num_groups,
                                        group_size=self.group_size)
             return traj, jnp.ones((self.batch_size,), jnp.float32)
-        n_total = max(self.num_groups, int(round(self.num_groups * self.config.rl.oversample)))
-        traj = self._sample_groups(params, key, num_groups=n_total, group_size=self.group_size)
-        group_returns = traj.episode_return.reshape(n_total, self.group_size)
-        idx, keep = dapo.select_informative_groups(group_returns, self.num_groups)
-        traj = dapo.gather_groups(traj, idx, self.group_size)
-        traj = traj.replace(group_ids=jnp.repeat(jnp.arange(self.num_groups, dtype=jnp.int32),
-                                                 self.group_size))
-        return traj, jnp.repeat(keep, self.group_size).astype(jnp.float32)
+        traj = self._sample_groups(params, key, num_groups=self.oversampled_groups(),
+                                   group_size=self.group_size)
+        traj, row_weight, self.collect_metrics = dapo.dynamic_sampling(
+            traj, self.num_groups, self.group_size)
+        return traj, row_weight
+
+    def oversampled_groups(self) -> int:
+        """Groups sampled per update by dynamic sampling: max(num_groups,
+        round(num_groups · config.rl.oversample))."""
+        return max(self.num_groups, int(round(self.num_groups * self.config.rl.oversample)))
 
     def _sample_groups(self, params, key, *, num_groups: int, group_size: int) -> Trajectory:
         """``num_groups × group_size`` sampled episodes, rows sharded over the data axes."""
@@ -400,6 +407,7 @@ class Trainer:
         metrics.update(episode_metrics(env_traj, "rollout"))    # env returns, not the learned ones
         metrics.update(reward_metrics)
         metrics["rollout/kept_fraction"] = row_weight.mean()
+        metrics.update(self.collect_metrics)
         new_state = state.replace(params=params, opt_state=opt_state, key=key, step=state.step + 1,
                                   prm=prm)
         return new_state, metrics
