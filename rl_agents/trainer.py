@@ -4,7 +4,8 @@
 
     rollout (KV-cached generation × env steps, lax.scan over turns)
     → reference log-probs and critic values (one forward pass each)
-    → rewards (+ KL-in-reward, DAPO overlong penalty) → advantages (registered estimator)
+    → rewards (+ KL-in-reward, DAPO overlong penalty, folded in at the token, turn and
+      episode level alike: ``Trainer.shaped_rewards``) → advantages (registered estimator)
     → ``epochs`` × ``minibatches`` optimizer steps (lax.scan), PPO-clip policy loss
       + value loss + KL loss − entropy bonus.
 
@@ -34,7 +35,7 @@ from rl_agents import bc as bc_lib
 from rl_agents import dapo, losses
 from rl_agents import process_rewards as process_lib
 from rl_agents import reward_models as rm_lib
-from rl_agents.advantages import AdvantageInputs, compute_advantages
+from rl_agents.advantages import AdvantageInputs, compute_advantages, per_turn_sum
 from rl_agents.algorithms import get_algorithm
 from rl_agents.rollout import Trajectory, rollout
 from rl_agents.sampling import SamplingConfig
@@ -310,27 +311,48 @@ class Trainer:
             metrics.update(pm)
         return traj, prm, metrics
 
-    def _prepare(self, state: TrainState, traj: Trajectory, row_weight):
+    def shaped_rewards(self, traj: Trajectory, ref_logp):
+        """``(rewards [B,T], turn_rewards [B,K], episode_return [B])``: the trajectory's rewards
+        with the run's reward shaping folded in at every granularity, so that every estimator
+        sees it whichever of the three it reads:
+
+        * DAPO's soft overlong penalty (``rl.overlong_cache_len`` > 0) on the episode's
+          agent-token count: on the last turn's turn-end token, the last turn, the episode;
+        * KL-in-reward (``rl.kl_in_reward`` with ``rl.kl_coef`` = β > 0): −β·kl_t on each agent
+          token (``losses.kl_in_reward``, kl_t of the sampled token vs the reference policy),
+          its sum over each turn's agent tokens on the turn, its sum over the episode on the
+          return. The group-relative estimators (GRPO, Dr. GRPO, RLOO, DAPO, GiGPO's episode
+          and step terms) therefore normalise the KL-penalised outcome.
+        """
         rl = self.config.rl
-        ref_logp = None
-        if rl.kl_coef > 0:
-            ref_logp, _ = self._logprobs(state.ref_params, traj.tokens, traj.valid)
-        rewards = traj.rewards
+        rewards, turn_rewards = traj.rewards, traj.turn_rewards
+        episode_return = traj.episode_return
         mask = traj.loss_mask
-        if rl.kl_coef > 0 and rl.kl_in_reward:
-            rewards = losses.kl_in_reward(rewards, traj.behaviour_logp, ref_logp, mask,
-                                          rl.kl_coef, rl.kl_kind)
-        turn_rewards, episode_return = traj.turn_rewards, traj.episode_return
+        k = turn_rewards.shape[1]
         if rl.overlong_cache_len > 0:
-            # DAPO's soft overlong punishment on the episode's agent-token count, added to the
-            # last turn's reward (token level, turn level and episode level alike).
             budget = self.env.max_turns * self.env.action_len
             pen = dapo.overlong_penalty(mask.sum(-1), budget, rl.overlong_cache_len)
             last_turn = traj.episode_length - 1
             rewards = rewards + pen[:, None] * (traj.turn_end & (traj.turn_ids == last_turn[:, None]))
             turn_rewards = turn_rewards + pen[:, None] * (
-                jnp.arange(turn_rewards.shape[1])[None] == last_turn[:, None])
+                jnp.arange(k)[None] == last_turn[:, None])
             episode_return = episode_return + pen
+        if rl.kl_coef > 0 and rl.kl_in_reward:
+            kl_pen = losses.kl_in_reward(jnp.zeros(rewards.shape, jnp.float32),
+                                         traj.behaviour_logp, ref_logp, mask, rl.kl_coef,
+                                         rl.kl_kind)
+            rewards = rewards + kl_pen
+            turn_rewards = turn_rewards + per_turn_sum(kl_pen, mask, traj.turn_ids, k)
+            episode_return = episode_return + kl_pen.sum(-1)
+        return rewards, turn_rewards, episode_return
+
+    def _prepare(self, state: TrainState, traj: Trajectory, row_weight):
+        rl = self.config.rl
+        ref_logp = None
+        if rl.kl_coef > 0:
+            ref_logp, _ = self._logprobs(state.ref_params, traj.tokens, traj.valid)
+        mask = traj.loss_mask
+        rewards, turn_rewards, episode_return = self.shaped_rewards(traj, ref_logp)
         values = jnp.zeros(traj.tokens.shape, jnp.float32)
         if self.value_model is not None:
             values = sequence_values(self.value_model, state.params["value"], traj.tokens, traj.valid)
