@@ -555,14 +555,8 @@ class SupoTrainer(Trainer):
         super().__init__(config, mesh)
         self.supo.validate(self.env)
         self.supo_eval.validate(self.env)
-        if self.algorithm.critic:
-            raise ValueError(f"config.rl.algorithm={config.rl.algorithm!r} trains a critic; SUPO "
-                             f"here supports the critic-free outcome estimators (e.g. grpo)")
-        if config.rl.kl_coef > 0 and config.rl.kl_in_reward:
-            raise ValueError("config.rl.kl_in_reward=True is not supported with SUPO (use the KL loss)")
-        if config.rl.overlong_cache_len > 0:
-            raise ValueError(f"config.rl.overlong_cache_len={config.rl.overlong_cache_len}: DAPO's "
-                             f"overlong penalty is not used with SUPO (it masks overlong episodes)")
+        # critic, KL-in-reward, overlong penalty, learned / process rewards: refused by
+        # Trainer.__init__ (rl_agents.algorithms.unsupported_option)
         self.num_episodes = self.batch_size
         self.batch_size = self.num_episodes * self.supo.num_segments   # PPO rows (segments)
         self._traced_traj = None

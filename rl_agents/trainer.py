@@ -36,7 +36,7 @@ from rl_agents import dapo, losses
 from rl_agents import process_rewards as process_lib
 from rl_agents import reward_models as rm_lib
 from rl_agents.advantages import AdvantageInputs, compute_advantages, per_turn_sum
-from rl_agents.algorithms import get_algorithm
+from rl_agents.algorithms import check_options, get_algorithm
 from rl_agents.rollout import Trajectory, rollout
 from rl_agents.sampling import SamplingConfig
 
@@ -81,6 +81,7 @@ class Trainer:
         self.mesh = mesh
         self.env = make_env(config)
         self.algorithm = get_algorithm(config.rl.algorithm)
+        check_options(config)
         if type(self) is Trainer and self.algorithm.trainer != "default":
             raise ValueError(f"config.rl.algorithm={config.rl.algorithm!r} needs the "
                              f"{self.algorithm.trainer!r} trainer; build it with "

@@ -2,7 +2,8 @@
 
 For every allowed combination the option changes the advantages the estimator produces through
 the trainer's own ``_reward_transform`` and ``_prepare`` (one sampled rollout, every registered
-estimator, one jit per option); ArCHer's turn rewards R_k likewise.
+estimator, one jit per option); ArCHer's turn rewards R_k likewise. Every refused combination
+is refused by ``check_config`` with one line naming the field, and by the trainer constructor.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from experiments.run import ConfigError, check_config
 from rl_agents.advantages import ADVANTAGE_ESTIMATORS
 from rl_agents.archer import ArcherTrainer
 from rl_agents.summarization import make_trainer
@@ -151,3 +153,49 @@ def test_entropy_bonus_changes_the_loss_by_its_coefficient(rollout):
     assert float(m0["policy/entropy"]) > 0
     np.testing.assert_allclose(float(total1), float(total0) - 0.05 * float(m0["policy/entropy"]),
                                rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- refused
+def supo_config(**rl):
+    from experiments.configs import keychain_supo
+    c = keychain_supo.get_config()
+    c.rl.update(rl)
+    return c
+
+
+REFUSED = {
+    "dapo+learned": (lambda: _with(probes.tiny("kv_search", "dapo", groups=2, group_size=2),
+                                   reward_source="learned"), "config.reward.source"),
+    "supo+ppo": (lambda: _algorithm(supo_config(), "ppo"), "config.rl.algorithm"),
+    "supo+kl_in_reward": (lambda: supo_config(kl_coef=0.01, kl_in_reward=True),
+                          "config.rl.kl_in_reward"),
+    "supo+overlong": (lambda: supo_config(overlong_cache_len=8), "config.rl.overlong_cache_len"),
+    "supo+learned": (lambda: _with(supo_config(), reward_source="learned"),
+                     "config.reward.source"),
+    "supo+process": (lambda: _with(supo_config(), process=True), "config.reward.process"),
+}
+
+
+def _with(c, reward_source=None, process=False):
+    if reward_source:
+        c.reward.source = reward_source
+    if process:
+        c.reward.process.enabled = True
+    return c
+
+
+def _algorithm(c, name):
+    c.rl.algorithm = name
+    c.rollout.group_size = 1
+    return c
+
+
+@pytest.mark.parametrize("combo", sorted(REFUSED))
+def test_refused_combinations_fail_at_start_up_naming_the_field(combo):
+    build, field = REFUSED[combo]
+    with pytest.raises(ConfigError) as e:
+        check_config(build(), num_devices=1)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(field), msg
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        make_trainer(build())
