@@ -518,21 +518,25 @@ def episode_metrics(traj: Trajectory, prefix: str) -> dict:
 
 
 def make_train(config):
-    """PureJaxRL shape: ``train(key) -> (final TrainState, metrics stacked over updates)``.
+    """PureJaxRL shape: ``train(key) -> (final state, metrics stacked over updates)``, for every
+    registered algorithm and context mode: the trainer is the one
+    ``rl_agents.summarization.make_trainer(config)`` builds (``Trainer``, ``ArcherTrainer``,
+    ``SupoTrainer``), so ``train`` runs exactly the update ``experiments.train`` runs.
 
-    The BC warm start runs first (its own jitted SFT steps); the ``total_updates`` RL updates are
-    one ``lax.scan`` inside one jit.
+    The warm start (BC, learned RM) runs first (its own jitted steps); the ``total_updates`` RL
+    updates are one ``lax.scan`` inside one jit. ``train.trainer`` is the trainer.
     """
-    trainer = Trainer(config)
+    from rl_agents.summarization import make_trainer   # summarization imports this module
+
+    trainer = make_trainer(config)
+
+    @jax.jit
+    def run(state):
+        return jax.lax.scan(lambda s, _: trainer._update(s), state, None,
+                            length=config.total_updates)
 
     def train(key):
-        state = trainer.init(key)
+        return run(trainer.init(key))
 
-        @jax.jit
-        def run(state):
-            return jax.lax.scan(lambda s, _: trainer._update(s), state, None,
-                                length=config.total_updates)
-
-        return run(state)
-
+    train.trainer = trainer
     return train
