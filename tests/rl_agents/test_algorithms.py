@@ -2,8 +2,9 @@
 the advantages the loss trains on are checked against NumPy references computed from the
 rollout the update sampled (recorded inside jit, ``tests/rl_agents/probes.py``).
 
-The reference policy is perturbed away from the initial policy, so KL terms are non-zero;
-recipes that fold the KL into the reward must show it in the advantages of every estimator.
+The reference policy is perturbed away from the initial policy, so KL terms are non-zero
+(recipes that fold the KL into the reward must show it in the advantages of every estimator),
+and so is the critic, so the positions its values are read at matter.
 """
 from __future__ import annotations
 
@@ -48,12 +49,20 @@ def config_for(name):
     return c
 
 
-def perturbed_reference(state):
-    """A reference policy away from the initial one (as after some training)."""
-    leaves, tree = jax.tree.flatten(state.ref_params)
-    keys = jax.random.split(jax.random.PRNGKey(123), len(leaves))
-    ref = [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return state.replace(ref_params=jax.tree.unflatten(tree, ref))
+def _noisy(tree, seed):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.2 * jax.random.normal(k, x.shape, x.dtype)
+                                        for x, k in zip(leaves, keys)])
+
+
+def perturbed_start(state):
+    """A reference policy away from the initial one (as after some training), and a critic
+    whose value head is not the initial zero head (so the value positions matter)."""
+    state = state.replace(ref_params=_noisy(state.ref_params, 123))
+    if "value" in state.params:
+        state = state.replace(params={**state.params, "value": _noisy(state.params["value"], 7)})
+    return state
 
 
 # ----------------------------------------------------------------------------- references
@@ -149,7 +158,7 @@ def test_make_train_runs_every_algorithm_and_trains_on_the_reference_advantages(
         rec.wrap(monkeypatch, archer_lib, "turn_advantages",
                  lambda args, kwargs, out: dict(r=args[0], v=args[1], tv=args[2], a=out))
     init = trainer.init
-    monkeypatch.setattr(trainer, "init", lambda key, **kw: perturbed_reference(init(key, **kw)))
+    monkeypatch.setattr(trainer, "init", lambda key, **kw: perturbed_start(init(key, **kw)))
 
     state, metrics = jax.block_until_ready(train(jax.random.PRNGKey(0)))
     assert int(state.step) == 1 and metrics["loss"].shape == (1,)

@@ -143,13 +143,13 @@ def test_entropy_bonus_changes_the_loss_by_its_coefficient(rollout):
     """entropy_coef is a loss term (all estimators alike): total(c) = total(0) − c·entropy."""
     c = base_config()
     tr = make_trainer(c)
-    state = tr.fresh_state(jax.random.PRNGKey(0))
-    weight = jnp.ones(rollout.success.shape, jnp.float32)
-    batch = tr._prepare(state, rollout, weight)
-    f = jax.jit(lambda p, b: tr.policy_loss(p, b))
-    total0, m0 = f(state.params["policy"], batch)
-    c.rl.entropy_coef = 0.05
-    total1, _ = jax.jit(lambda p, b: tr.policy_loss(p, b))(state.params["policy"], batch)
+    params = tr.fresh_state(jax.random.PRNGKey(0)).params["policy"]
+    batch = dict(tokens=rollout.tokens, valid=rollout.valid, loss_mask=rollout.loss_mask,
+                 old_logp=rollout.behaviour_logp,
+                 advantages=jnp.where(rollout.loss_mask, 0.5, 0.0))
+    total0, m0 = jax.jit(tr.policy_loss)(params, batch)
+    c.rl.entropy_coef = 0.05                          # read when policy_loss is traced
+    total1, _ = jax.jit(tr.policy_loss)(params, batch)
     assert float(m0["policy/entropy"]) > 0
     np.testing.assert_allclose(float(total1), float(total0) - 0.05 * float(m0["policy/entropy"]),
                                rtol=1e-5)
