@@ -141,7 +141,11 @@ def expected_advantages(name, traj, batch, config):
 
 
 # ----------------------------------------------------------------------------- the test
-NAMES = sorted(ALGORITHMS) + [SUPO]
+#: Estimators also checked against the same references in test_advantages.py and through the
+#: trainer's _prepare in test_option_matrix.py: marked slow (a few seconds each of compile).
+COVERED = ("bilevel_ppo", "dr_grpo", "grpo", "reinforce_pp", "reinforce_pp_baseline")
+NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in COVERED else n
+         for n in sorted(ALGORITHMS) + [SUPO]]
 
 
 @pytest.mark.parametrize("name", NAMES)
