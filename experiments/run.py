@@ -41,7 +41,7 @@ from experiments.validation import ConfigError, validate_config
 from rl_agents import losses
 from rl_agents.advantages import estimator_hparams
 from rl_agents.bc import BC_DECAYS
-from rl_agents.algorithms import get_algorithm
+from rl_agents.algorithms import get_algorithm, unsupported_option
 from rl_agents.nonfinite import all_finite
 from rl_agents.summarization import make_trainer
 from rl_agents.trainer import Trainer
@@ -117,6 +117,9 @@ def check_config(config, num_devices: int | None = None) -> None:
         algorithm = get_algorithm(rl.algorithm)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    unsupported = unsupported_option(config)
+    if unsupported is not None:
+        raise ConfigError(unsupported)
     if rl.agg not in losses.AGGREGATIONS:
         raise ConfigError(f"config.rl.agg = {rl.agg!r} is not one of {sorted(losses.AGGREGATIONS)}")
     if rl.kl_kind not in losses.KL_ESTIMATORS:

@@ -247,14 +247,40 @@ def gae(x: AdvantageInputs, *, gamma: float = 1.0, lam: float = 0.95,
     return _finish(adv, adv + v, m)
 
 
+def per_turn_first(x: jax.Array, select: jax.Array, turn_ids: jax.Array,
+                   num_turns: int) -> jax.Array:
+    """``[B,T]`` → ``[B,K]``: x at the first (lowest-position) selected token of each turn (by
+    ``turn_ids``), 0 for a turn with no selected token; selected tokens whose turn id is outside
+    [0, K) are dropped. Tokens of a turn need not be contiguous (padding may sit between them)."""
+    b, t = x.shape
+    ok = select & (turn_ids >= 0) & (turn_ids < num_turns)
+    idx = jnp.where(ok, turn_ids, num_turns)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    first = jnp.full((b, num_turns + 1), t, jnp.int32)
+    first = first.at[jnp.arange(b)[:, None], idx].min(jnp.where(ok, pos, t))[:, :num_turns]
+    got = jnp.take_along_axis(jnp.asarray(x, jnp.float32), jnp.minimum(first, t - 1), axis=1)
+    return jnp.where(first < t, got, 0.0)
+
+
 def turn_gae(x: AdvantageInputs, *, gamma: float = 0.99, lam: float = 0.9):
     """Turn-level GAE: one step per turn, broadcast to the turn's agent tokens.
 
     Turns are the ``turn_end`` tokens. Turn k's reward R_k is the sum of the token rewards over
-    its agent tokens (= turn_rewards[k] when nothing else, e.g. a KL-in-reward term, was folded
-    into ``rewards``); its value V_k is ``values`` read at its last agent token. Then GAE over
-    the turns: δ_k = R_k + γ V_{k+1} − V_k, A_k = δ_k + γλ A_{k+1}, terminal after the last
-    turn. Every agent token of turn k gets A_k; returns = A_k + V_k likewise.
+    its agent tokens (= turn_rewards[k] plus whatever was folded into ``rewards``, e.g. a
+    KL-in-reward term). Its value is the value of the state the turn acts from,
+
+        V(s_k) = values[f_k],   f_k = turn k's first agent token (lowest position with
+                                      ``loss_mask`` and turn_ids = k),
+
+    since ``values[t]`` is V of the state *before* token t (``trainer.sequence_values``: the
+    value head at position t−1, i.e. the last prompt / observation token before the turn in
+    the compact layout). Reading a later agent token of the turn would give a baseline that
+    has seen part of the action. Then GAE over the turns:
+
+        δ_k = R_k + γ V(s_{k+1}) − V(s_k),   A_k = δ_k + γλ A_{k+1},
+
+    terminal after the last turn (V = A = 0). Every agent token of turn k gets A_k;
+    returns = A_k + V(s_k) likewise (the critic's target for V(s_k)).
     """
     _check_unit("gamma", gamma)
     _check_unit("lam", lam)
@@ -263,7 +289,7 @@ def turn_gae(x: AdvantageInputs, *, gamma: float = 0.99, lam: float = 0.9):
     tid = jnp.asarray(x.turn_ids, jnp.int32)
     k = x.turn_rewards.shape[1]
     r_turn = per_turn_sum(x.rewards, m, tid, k)
-    v_turn = per_turn_sum(x.values, ends, tid, k)
+    v_turn = per_turn_first(x.values, m, tid, k)
     has_turn = per_turn_sum(jnp.ones_like(x.rewards), ends, tid, k) > 0
     a_turn = masked_gae(r_turn, v_turn, has_turn, gamma, lam)
     adv = broadcast_turns(a_turn, tid, m)
@@ -284,7 +310,12 @@ def bilevel_gae(x: AdvantageInputs, *, gamma_turn: float = 0.95, lam_turn: float
        reward is replaced by the turn's return target A_i + V_{e_i} and it bootstraps 0; the
        other agent tokens keep their own token rewards (e.g. a folded-in KL term); the
        recursion runs backwards over the turn's agent tokens. So the turn-end token's
-       advantage equals the turn advantage A_i.
+       advantage equals the turn advantage A_i. The recursion runs down to the turn's first
+       agent token f_i, whose ``values`` entry is V(s_i), the value of the state before the
+       turn (``trainer.sequence_values``); with γ_token = λ_token = 1 it telescopes to
+       A_{f_i} = Σ_{f_i ≤ t < e_i} r_t + (A_i + V_{e_i}) − V(s_i): the turn's return target
+       against the baseline of the state the turn acts from (the turn level itself reads V at
+       the turn ends, as RAGEN does).
     returns = token-level A + V (before whitening); advantages are whitened under the mask
     (``masked_whiten``, unbiased variance, as RAGEN) when ``whiten``.
     """

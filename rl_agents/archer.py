@@ -60,7 +60,6 @@ from jax.sharding import PartitionSpec as P
 import models
 from envs.wrappers import tree_select
 from rl_agents import bc as bc_lib
-from rl_agents import dapo, losses
 from rl_agents.advantages import broadcast_turns, masked_gae, masked_whiten, per_turn_sum
 from rl_agents.nonfinite import (NONFINITE_STEP, PRM_NONFINITE_STEP, all_finite, guarded_step,
                                  nonfinite_metrics)
@@ -342,20 +341,10 @@ class ArcherTrainer(Trainer):
     # ---------------------------------------------------------------- rewards, critic
     def _turn_rewards(self, traj: Trajectory, ref_logp) -> jax.Array:
         """R_k ``[B, K]``: turn rewards + DAPO overlong penalty on the last turn + the turn's sum
-        of the KL-in-reward penalty −β·kl_t over its agent tokens (when enabled)."""
-        rl = self.config.rl
-        r = traj.turn_rewards.astype(jnp.float32)
-        k = r.shape[1]
-        if rl.overlong_cache_len > 0:
-            budget = self.env.max_turns * self.env.action_len
-            pen = dapo.overlong_penalty(traj.loss_mask.sum(-1), budget, rl.overlong_cache_len)
-            r = r + pen[:, None] * (jnp.arange(k)[None] == (traj.episode_length - 1)[:, None])
-        if rl.kl_coef > 0 and rl.kl_in_reward:
-            kl_pen = losses.kl_in_reward(jnp.zeros(traj.rewards.shape, jnp.float32),
-                                         traj.behaviour_logp, ref_logp, traj.loss_mask,
-                                         rl.kl_coef, rl.kl_kind)
-            r = r + per_turn_sum(kl_pen, traj.loss_mask, traj.turn_ids, k)
-        return jnp.where(traj.turn_valid, r, 0.0)
+        of the KL-in-reward penalty −β·kl_t over its agent tokens (when enabled), as
+        ``Trainer.shaped_rewards`` folds them."""
+        _, r, _ = self.shaped_rewards(traj, ref_logp)
+        return jnp.where(traj.turn_valid, r.astype(jnp.float32), 0.0)
 
     def critic_turn_values(self, value_params, tokens, valid, state_pos) -> jax.Array:
         """V(s_k) ``[B, K]``: the critic's value head read at the turn-boundary positions."""
@@ -455,6 +444,7 @@ class ArcherTrainer(Trainer):
         metrics.update(reward_metrics)
         metrics["rollout/kept_fraction"] = row_weight.mean()
         metrics.update(nonfinite_metrics(skip, bad_steps))
+        metrics.update(self.collect_metrics)
         new_state = state.replace(
             params=params, opt_state=opt_state, key=key,
             step=state.step + 1, prm=prm, critic_opt_state=critic_opt, target_value=target,

@@ -1,5 +1,8 @@
 """DAPO pieces: the overlong reward shaping and dynamic sampling (fixed shapes, jittable).
 
+Dynamic sampling keeps a group iff 0 < #successes < G (``informative_groups``), on the
+episodes' success labels, never on their shaped returns.
+
 Clip-higher (ε_low = 0.2, ε_high = 0.28) and token-level aggregation are options of
 ``losses.ppo_policy_loss``; DAPO uses no KL term.
 """
@@ -32,28 +35,63 @@ def overlong_penalty(response_lengths: jax.Array, max_len, cache_len) -> jax.Arr
     return jnp.clip(jnp.where(length <= start, 0.0, pen), -1.0, 0.0)
 
 
-def informative_groups(group_rewards: jax.Array) -> jax.Array:
-    """bool ``[N_groups]``: the group's rewards are not all equal (a zero-advantage group under
-    GRPO carries no gradient)."""
-    r = jnp.asarray(group_rewards)
-    return jnp.any(r != r[:, :1], axis=1)
+def informative_groups(group_success: jax.Array) -> jax.Array:
+    """bool ``[N_groups]``: 0 < #successes < G in the group (``group_success`` bool
+    ``[N_groups, G]``). DAPO's filter: a group whose rollouts all solve, or all fail, the task
+    has no outcome signal to compare (its GRPO advantage is 0 or only reflects reward shaping
+    such as per-step costs or format penalties)."""
+    s = jnp.asarray(group_success)
+    if s.ndim != 2:
+        raise ValueError(f"group_success must be [N_groups, G]; got shape {s.shape}")
+    if s.dtype != jnp.bool_:
+        raise ValueError(f"group_success must be bool (the episodes' success labels), got "
+                         f"{s.dtype}: shaped returns are not DAPO's signal")
+    n = s.sum(axis=1)
+    return (n > 0) & (n < s.shape[1])
 
 
-def select_informative_groups(group_rewards: jax.Array, n_keep: int):
+def select_informative_groups(group_success: jax.Array, n_keep: int):
     """Dynamic sampling with fixed shapes → ``(indices int32 [n_keep], keep_mask bool [n_keep])``.
 
-    Informative groups (rewards not all equal) come first, in their original order; if fewer
+    ``group_success``: bool ``[N_groups, G]`` success labels. Informative groups
+    (0 < #successes < G, ``informative_groups``) come first, in their original order; if fewer
     than ``n_keep`` exist the remaining slots are filled with uninformative groups (original
     order) whose ``keep_mask`` is False, so the caller masks them out of the loss.
     """
-    r = jnp.asarray(group_rewards)
-    if r.ndim != 2:
-        raise ValueError(f"group_rewards must be [N_groups, G]; got shape {r.shape}")
-    if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 1 <= n_keep <= r.shape[0]:
-        raise ValueError(f"n_keep={n_keep!r} must be an int in [1, N_groups={r.shape[0]}]")
-    info = informative_groups(r)
+    s = jnp.asarray(group_success)
+    info = informative_groups(s)
+    if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 1 <= n_keep <= s.shape[0]:
+        raise ValueError(f"n_keep={n_keep!r} must be an int in [1, N_groups={s.shape[0]}]")
     order = jnp.argsort(~info, stable=True)[:n_keep].astype(jnp.int32)
     return order, info[order]
+
+
+def dynamic_sampling(traj: Any, n_keep: int, group_size: int):
+    """DAPO's dynamic sampling on an oversampled batch → ``(traj, row_weight, metrics)``.
+
+    ``traj``: N_groups·G episodes (rows of a group contiguous) with ``success`` bool ``[N·G]``
+    and ``group_ids``. Keeps ``n_keep`` groups (``select_informative_groups`` on ``success``),
+    renumbers their ``group_ids`` 0..n_keep−1, and weights the rows of uninformative filler
+    groups 0 (``row_weight`` float32 ``[n_keep·G]``).
+
+    The filter reads the env's success label, which every env reports (``info["success"]``,
+    true on the step that solves the task): DAPO keeps a group iff its accuracy is strictly
+    between 0 and 1. It never reads the shaped return: per-search costs, step costs or format
+    penalties make returns of an all-success or all-fail group differ, and such a group would be
+    kept though it has no outcome signal.
+
+    ``metrics["dapo/kept_fraction"]``: the fraction of the N_groups sampled groups that pass the
+    filter (informative groups / sampled groups). Of those, at most ``n_keep`` train;
+    ``row_weight.mean()`` is the fraction of the ``n_keep`` training slots they fill.
+    """
+    success = jnp.asarray(traj.success, bool)
+    n_total = success.shape[0] // group_size
+    groups = success.reshape(n_total, group_size)
+    idx, keep = select_informative_groups(groups, n_keep)
+    out = gather_groups(traj, idx, group_size)
+    out = out.replace(group_ids=jnp.repeat(jnp.arange(n_keep, dtype=jnp.int32), group_size))
+    metrics = {"dapo/kept_fraction": informative_groups(groups).mean(dtype=jnp.float32)}
+    return out, jnp.repeat(keep, group_size).astype(jnp.float32), metrics
 
 
 def gather_groups(tree: Any, indices: jax.Array, group_size: int) -> Any:

@@ -555,14 +555,8 @@ class SupoTrainer(Trainer):
         super().__init__(config, mesh)
         self.supo.validate(self.env)
         self.supo_eval.validate(self.env)
-        if self.algorithm.critic:
-            raise ValueError(f"config.rl.algorithm={config.rl.algorithm!r} trains a critic; SUPO "
-                             f"here supports the critic-free outcome estimators (e.g. grpo)")
-        if config.rl.kl_coef > 0 and config.rl.kl_in_reward:
-            raise ValueError("config.rl.kl_in_reward=True is not supported with SUPO (use the KL loss)")
-        if config.rl.overlong_cache_len > 0:
-            raise ValueError(f"config.rl.overlong_cache_len={config.rl.overlong_cache_len}: DAPO's "
-                             f"overlong penalty is not used with SUPO (it masks overlong episodes)")
+        # critic, KL-in-reward, overlong penalty, learned / process rewards: refused by
+        # Trainer.__init__ (rl_agents.algorithms.unsupported_option)
         self.num_episodes = self.batch_size
         self.batch_size = self.num_episodes * self.supo.num_segments   # PPO rows (segments)
         self._traced_traj = None
@@ -583,19 +577,16 @@ class SupoTrainer(Trainer):
 
     def _collect(self, params, key):
         """Episodes and their weights ``[B]`` (dynamic sampling as in ``Trainer._collect``)."""
+        self.collect_metrics = {}
         if not self.algorithm.dynamic_sampling:
             traj = self._sample_groups(params, key, num_groups=self.num_groups,
                                        group_size=self.group_size)
             weight = jnp.ones((self.num_episodes,), jnp.float32)
         else:
-            n_total = max(self.num_groups, int(round(self.num_groups * self.config.rl.oversample)))
-            traj = self._sample_groups(params, key, num_groups=n_total, group_size=self.group_size)
-            idx, keep = dapo.select_informative_groups(
-                traj.episode_return.reshape(n_total, self.group_size), self.num_groups)
-            traj = dapo.gather_groups(traj, idx, self.group_size)
-            traj = traj.replace(group_ids=jnp.repeat(jnp.arange(self.num_groups, dtype=jnp.int32),
-                                                     self.group_size))
-            weight = jnp.repeat(keep, self.group_size).astype(jnp.float32)
+            traj = self._sample_groups(params, key, num_groups=self.oversampled_groups(),
+                                       group_size=self.group_size)
+            traj, weight, self.collect_metrics = dapo.dynamic_sampling(
+                traj, self.num_groups, self.group_size)
         self._traced_traj = traj   # read back by _update within the same trace (SUPO metrics)
         return traj, weight
 

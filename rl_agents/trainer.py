@@ -4,7 +4,8 @@
 
     rollout (KV-cached generation × env steps, lax.scan over turns)
     → reference log-probs and critic values (one forward pass each)
-    → rewards (+ KL-in-reward, DAPO overlong penalty) → advantages (registered estimator)
+    → rewards (+ KL-in-reward, DAPO overlong penalty, folded in at the token, turn and
+      episode level alike: ``Trainer.shaped_rewards``) → advantages (registered estimator)
     → ``epochs`` × ``minibatches`` optimizer steps (lax.scan), PPO-clip policy loss
       + value loss + KL loss − entropy bonus.
 
@@ -42,8 +43,8 @@ from rl_agents import bc as bc_lib
 from rl_agents import dapo, losses
 from rl_agents import process_rewards as process_lib
 from rl_agents import reward_models as rm_lib
-from rl_agents.advantages import AdvantageInputs, compute_advantages
-from rl_agents.algorithms import get_algorithm
+from rl_agents.advantages import AdvantageInputs, compute_advantages, per_turn_sum
+from rl_agents.algorithms import check_options, get_algorithm
 from rl_agents.nonfinite import (NONFINITE_STEP, PRM_NONFINITE_STEP, all_finite, guarded_step,
                                  nonfinite_metrics)
 from rl_agents.rollout import Trajectory, rollout
@@ -90,6 +91,7 @@ class Trainer:
         self.mesh = mesh
         self.env = make_env(config)
         self.algorithm = get_algorithm(config.rl.algorithm)
+        check_options(config)
         if type(self) is Trainer and self.algorithm.trainer != "default":
             raise ValueError(f"config.rl.algorithm={config.rl.algorithm!r} needs the "
                              f"{self.algorithm.trainer!r} trainer; build it with "
@@ -129,6 +131,7 @@ class Trainer:
             self.prm_optimizer = optax.chain(optax.clip_by_global_norm(o.grad_clip),
                                              optax.adam(self.process_cfg.lr))
         self.rm_metrics: dict = {}
+        self.collect_metrics: dict = {}   # set by _collect while an update is traced
         self.evaluate = jax.jit(self._evaluate, static_argnames=("episodes", "greedy"))
         self.sample_groups = jax.jit(self._sample_groups, static_argnames=("num_groups", "group_size"))
         if mesh is None:
@@ -259,20 +262,26 @@ class Trainer:
 
     # ---------------------------------------------------------------- rollout + batch
     def _collect(self, params, key) -> tuple[Trajectory, jax.Array]:
-        """Rollouts for one update; with dynamic sampling, oversample groups and keep the
-        informative ones (all-equal-reward groups dropped, masked if too few remain)."""
+        """Rollouts for one update and their row weights ``[B]``. With dynamic sampling
+        (``dapo.dynamic_sampling``): ``round(num_groups · oversample)`` groups are sampled and
+        the groups with 0 < #successes < G kept (filler groups weighted 0 if too few). Its
+        metrics (``dapo/kept_fraction``) are left in ``self.collect_metrics`` for the update
+        being traced."""
+        self.collect_metrics = {}
         if not self.algorithm.dynamic_sampling:
             traj = self._sample_groups(params, key, num_groups=self.num_groups,
                                        group_size=self.group_size)
             return traj, jnp.ones((self.batch_size,), jnp.float32)
-        n_total = max(self.num_groups, int(round(self.num_groups * self.config.rl.oversample)))
-        traj = self._sample_groups(params, key, num_groups=n_total, group_size=self.group_size)
-        group_returns = traj.episode_return.reshape(n_total, self.group_size)
-        idx, keep = dapo.select_informative_groups(group_returns, self.num_groups)
-        traj = dapo.gather_groups(traj, idx, self.group_size)
-        traj = traj.replace(group_ids=jnp.repeat(jnp.arange(self.num_groups, dtype=jnp.int32),
-                                                 self.group_size))
-        return traj, jnp.repeat(keep, self.group_size).astype(jnp.float32)
+        traj = self._sample_groups(params, key, num_groups=self.oversampled_groups(),
+                                   group_size=self.group_size)
+        traj, row_weight, self.collect_metrics = dapo.dynamic_sampling(
+            traj, self.num_groups, self.group_size)
+        return traj, row_weight
+
+    def oversampled_groups(self) -> int:
+        """Groups sampled per update by dynamic sampling: max(num_groups,
+        round(num_groups · config.rl.oversample))."""
+        return max(self.num_groups, int(round(self.num_groups * self.config.rl.oversample)))
 
     def _sample_groups(self, params, key, *, num_groups: int, group_size: int) -> Trajectory:
         """``num_groups × group_size`` sampled episodes, rows sharded over the data axes."""
@@ -318,27 +327,48 @@ class Trainer:
             metrics.update(pm)
         return traj, prm, metrics
 
-    def _prepare(self, state: TrainState, traj: Trajectory, row_weight):
+    def shaped_rewards(self, traj: Trajectory, ref_logp):
+        """``(rewards [B,T], turn_rewards [B,K], episode_return [B])``: the trajectory's rewards
+        with the run's reward shaping folded in at every granularity, so that every estimator
+        sees it whichever of the three it reads:
+
+        * DAPO's soft overlong penalty (``rl.overlong_cache_len`` > 0) on the episode's
+          agent-token count: on the last turn's turn-end token, the last turn, the episode;
+        * KL-in-reward (``rl.kl_in_reward`` with ``rl.kl_coef`` = β > 0): −β·kl_t on each agent
+          token (``losses.kl_in_reward``, kl_t of the sampled token vs the reference policy),
+          its sum over each turn's agent tokens on the turn, its sum over the episode on the
+          return. The group-relative estimators (GRPO, Dr. GRPO, RLOO, DAPO, GiGPO's episode
+          and step terms) therefore normalise the KL-penalised outcome.
+        """
         rl = self.config.rl
-        ref_logp = None
-        if rl.kl_coef > 0:
-            ref_logp, _ = self._logprobs(state.ref_params, traj.tokens, traj.valid)
-        rewards = traj.rewards
+        rewards, turn_rewards = traj.rewards, traj.turn_rewards
+        episode_return = traj.episode_return
         mask = traj.loss_mask
-        if rl.kl_coef > 0 and rl.kl_in_reward:
-            rewards = losses.kl_in_reward(rewards, traj.behaviour_logp, ref_logp, mask,
-                                          rl.kl_coef, rl.kl_kind)
-        turn_rewards, episode_return = traj.turn_rewards, traj.episode_return
+        k = turn_rewards.shape[1]
         if rl.overlong_cache_len > 0:
-            # DAPO's soft overlong punishment on the episode's agent-token count, added to the
-            # last turn's reward (token level, turn level and episode level alike).
             budget = self.env.max_turns * self.env.action_len
             pen = dapo.overlong_penalty(mask.sum(-1), budget, rl.overlong_cache_len)
             last_turn = traj.episode_length - 1
             rewards = rewards + pen[:, None] * (traj.turn_end & (traj.turn_ids == last_turn[:, None]))
             turn_rewards = turn_rewards + pen[:, None] * (
-                jnp.arange(turn_rewards.shape[1])[None] == last_turn[:, None])
+                jnp.arange(k)[None] == last_turn[:, None])
             episode_return = episode_return + pen
+        if rl.kl_coef > 0 and rl.kl_in_reward:
+            kl_pen = losses.kl_in_reward(jnp.zeros(rewards.shape, jnp.float32),
+                                         traj.behaviour_logp, ref_logp, mask, rl.kl_coef,
+                                         rl.kl_kind)
+            rewards = rewards + kl_pen
+            turn_rewards = turn_rewards + per_turn_sum(kl_pen, mask, traj.turn_ids, k)
+            episode_return = episode_return + kl_pen.sum(-1)
+        return rewards, turn_rewards, episode_return
+
+    def _prepare(self, state: TrainState, traj: Trajectory, row_weight):
+        rl = self.config.rl
+        ref_logp = None
+        if rl.kl_coef > 0:
+            ref_logp, _ = self._logprobs(state.ref_params, traj.tokens, traj.valid)
+        mask = traj.loss_mask
+        rewards, turn_rewards, episode_return = self.shaped_rewards(traj, ref_logp)
         values = jnp.zeros(traj.tokens.shape, jnp.float32)
         if self.value_model is not None:
             values = sequence_values(self.value_model, state.params["value"], traj.tokens, traj.valid)
@@ -420,6 +450,7 @@ class Trainer:
         metrics.update(reward_metrics)
         metrics["rollout/kept_fraction"] = row_weight.mean()
         metrics.update(nonfinite_metrics(skip, bad_steps))
+        metrics.update(self.collect_metrics)
         new_state = state.replace(params=params, opt_state=opt_state, key=key, step=state.step + 1,
                                   prm=prm)
         return new_state, metrics
@@ -512,21 +543,25 @@ def episode_metrics(traj: Trajectory, prefix: str) -> dict:
 
 
 def make_train(config):
-    """PureJaxRL shape: ``train(key) -> (final TrainState, metrics stacked over updates)``.
+    """PureJaxRL shape: ``train(key) -> (final state, metrics stacked over updates)``, for every
+    registered algorithm and context mode: the trainer is the one
+    ``rl_agents.summarization.make_trainer(config)`` builds (``Trainer``, ``ArcherTrainer``,
+    ``SupoTrainer``), so ``train`` runs exactly the update ``experiments.train`` runs.
 
-    The BC warm start runs first (its own jitted SFT steps); the ``total_updates`` RL updates are
-    one ``lax.scan`` inside one jit.
+    The warm start (BC, learned RM) runs first (its own jitted steps); the ``total_updates`` RL
+    updates are one ``lax.scan`` inside one jit. ``train.trainer`` is the trainer.
     """
-    trainer = Trainer(config)
+    from rl_agents.summarization import make_trainer   # summarization imports this module
+
+    trainer = make_trainer(config)
+
+    @jax.jit
+    def run(state):
+        return jax.lax.scan(lambda s, _: trainer._update(s), state, None,
+                            length=config.total_updates)
 
     def train(key):
-        state = trainer.init(key)
+        return run(trainer.init(key))
 
-        @jax.jit
-        def run(state):
-            return jax.lax.scan(lambda s, _: trainer._update(s), state, None,
-                                length=config.total_updates)
-
-        return run(state)
-
+    train.trainer = trainer
     return train

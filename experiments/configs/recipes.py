@@ -12,7 +12,8 @@ exposed under ``env.kwargs`` (so ``--config.env.kwargs.hops=3`` works from the c
 | grpo           | group mean/std advantages, seq-mean-token-mean loss, KL loss k3 β=0.04          |
 |                | (DeepSeekMath)                                                                  |
 | dr_grpo        | group-mean advantages, seq-mean-token-sum-norm loss (÷ max length), no KL       |
-| rloo           | leave-one-out baseline, token-mean loss, KL-in-reward 0.01                      |
+| rloo           | leave-one-out baseline, token-mean loss, KL-in-reward 0.01 (the episode's       |
+|                | summed KL penalty is part of the return the baseline compares)                  |
 | reinforce_pp   | batch-normalised returns, token-level KL-in-reward 0.01 (k1)                    |
 |   (_baseline)  | the same after subtracting the group mean                                      |
 | gigpo          | episode group (mean only) + step groups γ=0.95, ω=1; KL loss k3 0.01 (verl-agent)|

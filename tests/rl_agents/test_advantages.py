@@ -80,7 +80,9 @@ def ref_gae(d, gamma, lam):
     return A, (A + v) * m
 
 
-def ref_turn_gae(d, gamma, lam):
+def ref_turn_gae(d, gamma, lam, value_at="first"):
+    """Turn GAE with V(s_k) read at turn k's first agent token (``value_at="first"``: the state
+    before the turn) or, for comparisons, at its turn-end token (``"end"``)."""
     r, v, m, tid, te = (d[k] for k in ("rewards", "values", "loss_mask", "turn_ids", "turn_end"))
     A = np.zeros(r.shape)
     R = np.zeros(r.shape)
@@ -89,8 +91,9 @@ def ref_turn_gae(d, gamma, lam):
         for t in range(r.shape[1]):
             if te[b, t] and m[b, t]:
                 k = tid[b, t]
-                rk = sum(r[b, s] for s in range(r.shape[1]) if m[b, s] and tid[b, s] == k)
-                turns.append((k, rk, v[b, t]))
+                own = [s for s in range(r.shape[1]) if m[b, s] and tid[b, s] == k]
+                rk = sum(r[b, s] for s in own)
+                turns.append((k, rk, v[b, own[0]] if value_at == "first" else v[b, t]))
         adv = [0.0] * len(turns)
         nxt_v, nxt_a = 0.0, 0.0
         for i in reversed(range(len(turns))):
@@ -286,6 +289,35 @@ def test_turn_gae_matches_reference(seed, gamma, lam):
     for b in range(m.shape[0]):
         for k in set(tid[b][m[b]]):
             assert np.ptp(np.asarray(adv)[b][m[b] & (tid[b] == k)]) == 0
+    # the value read at the turn end (it has seen the action) gives other advantages here
+    assert not np.allclose(adv, ref_turn_gae(d, gamma, lam, value_at="end")[0], atol=1e-3)
+
+
+def test_turn_gae_baseline_is_the_value_before_the_turn():
+    """Changing the values anywhere but at a turn's first agent token leaves the advantages
+    unchanged; changing the value at the first agent token moves exactly the advantage of that
+    turn by −1 (λ = 0 isolates one turn: A_k = R_k + γV(s_{k+1}) − V(s_k))."""
+    d = make_batch(3, GROUPS)
+    m, tid = d["loss_mask"], d["turn_ids"]
+    first = np.zeros_like(m)
+    for b in range(m.shape[0]):
+        for k in set(tid[b][m[b]]):
+            first[b, np.nonzero(m[b] & (tid[b] == k))[0][0]] = True
+    base, _ = compute_advantages("turn_gae", to_inputs(d), gamma=0.9, lam=0.0)
+    other = dict(d, values=np.where(first, d["values"], d["values"] + 7.0).astype(np.float32))
+    np.testing.assert_allclose(compute_advantages("turn_gae", to_inputs(other), gamma=0.9,
+                                                  lam=0.0)[0], base, atol=1e-5)
+    b, t = np.argwhere(first & (tid == 1))[0]
+    bumped = dict(d, values=d["values"].copy())
+    bumped["values"][b, t] += 1.0
+    adv, _ = compute_advantages("turn_gae", to_inputs(bumped), gamma=0.9, lam=0.0)
+    diff = np.asarray(adv) - np.asarray(base)
+    turn1 = m[b] & (tid[b] == 1)
+    np.testing.assert_allclose(diff[b, turn1], -1.0, atol=1e-5)
+    turn0 = m[b] & (tid[b] == 0)
+    np.testing.assert_allclose(diff[b, turn0], 0.9, atol=1e-5)   # γ·ΔV(s_1) in turn 0's δ
+    diff[b, turn0 | turn1] = 0.0
+    np.testing.assert_allclose(diff, 0.0, atol=1e-5)
 
 
 def test_turn_gae_defaults_are_published_values():
@@ -321,9 +353,42 @@ def test_bilevel_turn_end_token_carries_turn_advantage():
     adv, _ = compute_advantages("bilevel_gae", to_inputs(d), whiten=False, gamma_turn=0.9,
                                 lam_turn=0.8)
     # turn-level GAE over turn ends (rewards sit only on turn ends here) = turn_gae's advantage
-    ta, _ = ref_turn_gae(d, 0.9, 0.8)
+    ta, _ = ref_turn_gae(d, 0.9, 0.8, value_at="end")
     e = d["turn_end"] & d["loss_mask"]
     np.testing.assert_allclose(np.asarray(adv)[e], ta[e], atol=ATOL)
+
+
+def test_bilevel_first_agent_token_is_against_the_value_before_the_turn():
+    """γ_token = λ_token = 1, no whitening: a turn's first agent token f gets
+    Σ_{f≤t<e} r_t + (A_turn + V_e) − V_f, V_f = values[f] = V(s_k); moving V_f by +1 moves
+    exactly that token's advantage by −1."""
+    d = make_batch(7, GROUPS, token_rewards=True)
+    kw = dict(whiten=False, gamma_turn=0.9, lam_turn=0.8)
+    adv = np.asarray(compute_advantages("bilevel_gae", to_inputs(d), **kw)[0])
+    r, v, m, tid, te = (d[k] for k in ("rewards", "values", "loss_mask", "turn_ids", "turn_end"))
+    checked, multi = 0, []
+    for b in range(m.shape[0]):
+        ends = np.nonzero(te[b] & m[b])[0]
+        a_turn, nxt_v, nxt_a = {}, 0.0, 0.0       # turn level over the turn ends (RAGEN)
+        for e in ends[::-1]:
+            a_turn[e] = r[b, e] + 0.9 * nxt_v - v[b, e] + 0.9 * 0.8 * nxt_a
+            nxt_v, nxt_a = v[b, e], a_turn[e]
+        for k in set(tid[b][m[b]]):
+            own = np.nonzero(m[b] & (tid[b] == k))[0]
+            f, e = own[0], own[-1]
+            assert te[b, e]
+            want = r[b, own[:-1]].sum() + a_turn[e] + v[b, e] - v[b, f]
+            np.testing.assert_allclose(adv[b, f], want, atol=1e-4)
+            checked += 1
+            if len(own) > 1:
+                multi.append((b, f))
+    assert checked > 10 and multi
+    b, f = multi[0]
+    bumped = dict(d, values=d["values"].copy())
+    bumped["values"][b, f] += 1.0
+    diff = np.asarray(compute_advantages("bilevel_gae", to_inputs(bumped), **kw)[0]) - adv
+    assert np.nonzero(np.abs(diff) > 1e-5) == (np.array([b]), np.array([f]))
+    np.testing.assert_allclose(diff[b, f], -1.0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------

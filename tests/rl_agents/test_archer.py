@@ -130,6 +130,15 @@ def test_turn_state_positions_match_the_records():
     got = np.asarray(ar.broadcast_turns(adv, traj.turn_ids, traj.loss_mask))
     np.testing.assert_array_equal(got, np.where(mask, tid + 1, 0))
     assert mask.sum() == n_act_kept.sum()
+    # the PPO critics read the same state: turn_gae's V(s_k) is values[] (the head shifted by
+    # one, trainer.sequence_values) at turn k's first agent token = the head at pos_k
+    from rl_agents.advantages import per_turn_first
+    head = rng.normal(size=traj.tokens.shape).astype(np.float32)
+    shifted = np.concatenate([np.zeros((b, 1), np.float32), head[:, :-1]], axis=1)
+    v_first = np.asarray(per_turn_first(jnp.asarray(shifted), traj.loss_mask, traj.turn_ids, k))
+    has_agent = active & (n_act_kept > 0)
+    np.testing.assert_array_equal(v_first[has_agent], np.take_along_axis(head, pos, 1)[has_agent])
+    assert has_agent.sum() > b
 
 
 # ----------------------------------------------------------------------------- replay buffer

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import struct
 
 from rl_agents.dapo import (gather_groups, informative_groups, overlong_penalty,
                             select_informative_groups)
@@ -36,9 +37,10 @@ def test_overlong_penalty_jit_and_validation():
             overlong_penalty(jnp.array([1]), **bad)
 
 
-def ref_select(rewards, n_keep):
-    informative = [i for i, r in enumerate(rewards) if len(set(r.tolist())) > 1]
-    rest = [i for i in range(len(rewards)) if i not in informative]
+def ref_select(success, n_keep):
+    g = success.shape[1]
+    informative = [i for i, s in enumerate(success) if 0 < int(s.sum()) < g]
+    rest = [i for i in range(len(success)) if i not in informative]
     order = (informative + rest)[:n_keep]
     return np.array(order), np.array([i in informative for i in order])
 
@@ -47,30 +49,33 @@ def ref_select(rewards, n_keep):
 def test_select_informative_groups_matches_reference(seed):
     rng = np.random.default_rng(seed)
     N, G = 10, 4
-    rewards = rng.integers(0, 2, size=(N, G)).astype(np.float32)
-    rewards[rng.random(N) < 0.5] = rng.choice([0.0, 1.0, 0.3])     # many all-equal groups
+    success = rng.random((N, G)) < 0.5
+    success[rng.random(N) < 0.5] = rng.random() < 0.5           # many all-equal groups
     for n_keep in (1, 3, 6, 10):
-        idx, keep = jax.jit(select_informative_groups, static_argnums=1)(jnp.asarray(rewards), n_keep)
-        r_idx, r_keep = ref_select(rewards, n_keep)
+        idx, keep = jax.jit(select_informative_groups, static_argnums=1)(jnp.asarray(success), n_keep)
+        r_idx, r_keep = ref_select(success, n_keep)
         np.testing.assert_array_equal(idx, r_idx)
         np.testing.assert_array_equal(keep, r_keep)
         assert idx.dtype == jnp.int32 and keep.dtype == jnp.bool_
 
 
 def test_select_informative_groups_edge_cases():
-    none = jnp.ones((4, 3))
+    none = jnp.ones((4, 3), bool)
     idx, keep = select_informative_groups(none, 2)
     np.testing.assert_array_equal(idx, [0, 1])
     assert not np.any(keep)
-    r = jnp.array([[1.0, 1.0], [0.0, 1.0], [2.0, 2.0], [0.5, 0.0]])
-    np.testing.assert_array_equal(informative_groups(r), [False, True, False, True])
-    idx, keep = select_informative_groups(r, 3)
+    s = jnp.array([[1, 1], [0, 1], [0, 0], [1, 0]], bool)
+    np.testing.assert_array_equal(informative_groups(s), [False, True, False, True])
+    idx, keep = select_informative_groups(s, 3)
     np.testing.assert_array_equal(idx, [1, 3, 0])
     np.testing.assert_array_equal(keep, [True, True, False])
     with pytest.raises(ValueError, match="n_keep=5"):
-        select_informative_groups(r, 5)
-    with pytest.raises(ValueError, match="group_rewards"):
-        select_informative_groups(jnp.ones(4), 1)
+        select_informative_groups(s, 5)
+    with pytest.raises(ValueError, match="group_success"):
+        select_informative_groups(jnp.ones(4, bool), 1)
+    # shaped returns are refused: the filter reads success labels only
+    with pytest.raises(ValueError, match="bool"):
+        select_informative_groups(jnp.array([[1.0, 0.99], [0.0, -0.01]]), 1)
 
 
 def test_gather_groups_matches_numpy():
@@ -89,17 +94,28 @@ def test_gather_groups_matches_numpy():
 
 
 def test_dynamic_sampling_end_to_end_under_jit():
-    """Oversampled groups → keep the informative ones → gathered rows line up with their groups."""
+    """Oversampled groups → keep the informative ones → gathered rows line up with their groups;
+    shaped returns that differ inside an all-fail / all-success group do not make it informative."""
+    from rl_agents.dapo import dynamic_sampling
+
     N, G, n_keep = 6, 2, 3
-    rewards = jnp.array([[1., 1.], [0., 1.], [0., 0.], [1., 0.], [3., 3.], [2., 0.]])
-    rows = {"ret": rewards.reshape(-1), "row": jnp.arange(N * G)}
+    success = jnp.array([[1, 1], [0, 1], [0, 0], [1, 0], [1, 1], [1, 0]], bool)
+    ret = jnp.array([[1., .98], [0., 1.], [-.01, -.3], [1., 0.], [.99, 1.], [1., -.02]])
 
-    @jax.jit
-    def f(rewards, rows):
-        idx, keep = select_informative_groups(rewards, n_keep)
-        return gather_groups(rows, idx, G), keep
+    @struct.dataclass
+    class Rows:
+        success: jax.Array
+        ret: jax.Array
+        row: jax.Array
+        group_ids: jax.Array
 
-    out, keep = f(rewards, rows)
-    np.testing.assert_array_equal(out["row"], [2, 3, 6, 7, 10, 11])
-    np.testing.assert_array_equal(out["ret"], [0, 1, 1, 0, 2, 0])
-    assert np.all(keep)
+    rows = Rows(success=success.reshape(-1), ret=ret.reshape(-1), row=jnp.arange(N * G),
+                group_ids=jnp.repeat(jnp.arange(N), G) * 10)
+    out, weight, metrics = jax.jit(dynamic_sampling, static_argnums=(1, 2))(rows, n_keep, G)
+    np.testing.assert_array_equal(out.row, [2, 3, 6, 7, 10, 11])
+    np.testing.assert_array_equal(out.group_ids, [0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(weight, np.ones(6))
+    assert float(metrics["dapo/kept_fraction"]) == pytest.approx(3 / 6)
+    out, weight, metrics = dynamic_sampling(rows, 5, G)       # too few informative: filler
+    np.testing.assert_array_equal(out.row[6:], [0, 1, 4, 5])
+    np.testing.assert_array_equal(weight, [1] * 6 + [0] * 4)
