@@ -10,6 +10,9 @@ The batch axis is split over ``("data", "fsdp")``. Parameters carry *logical* ax
 A parameter dimension whose size is not divisible by the product of its mesh axes' sizes is
 replicated along that dimension instead (e.g. 6 kv-heads on ``tensor=4``): correct, just less
 memory-efficient; :func:`param_shardings_from_logical` reports such fallbacks if asked.
+
+The mesh changes no random draw and no data order, only the float order of the sharded
+reductions (docs/determinism.md).
 """
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ SFT loss (token mean over agent tokens):  L(θ) = − Σ_t m_t log π_θ(y_t | y
 Filtered BC keeps the demos whose return passes a threshold (or the successful ones); RAFT
 samples G rollouts per task from the current policy, keeps the best of each group (reward-
 ranked) and runs SFT on them.
+
+The warm start (``Trainer.init``) runs on the default device, outside the trainer's mesh: in one
+process its result is bitwise the same whatever the mesh (docs/determinism.md).
 """
 from __future__ import annotations
 

@@ -14,6 +14,11 @@ forward pass with ``positions = arange(T)`` recomputes exactly the sampler's log
 Group sampling: ``num_groups`` task instances, each rolled out ``group_size`` times from the
 same environment key (same hidden task), with independent sampling keys; ``group_ids`` names
 the instance of each row.
+
+Random numbers do not depend on the device mesh: each token step draws the whole batch with one
+key, and under ``jit`` an element's random bits are a function of the key and its global index,
+never of how the rows are sharded. Given the same logits, a row samples the same tokens on
+every mesh (docs/determinism.md).
 """
 from __future__ import annotations
 

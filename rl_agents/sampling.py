@@ -3,6 +3,10 @@
 The behaviour log-prob recorded for a sampled token y is ``log softmax(logits / τ)[y]``: the
 tempered but *untruncated* distribution, as verl / OpenRLHF record it, so that the trainer can
 recompute it exactly from a forward pass (top-k / top-p only decide which tokens are drawn).
+
+``sample_tokens`` draws ``argmax(logits / τ + Gumbel noise)`` with one key for the whole
+``[B, V]`` batch: the noise of row b is the same however the rows are sharded (threefry bits
+are a function of the key and the global index, with ``jax_threefry_partitionable`` on or off).
 """
 from __future__ import annotations
 

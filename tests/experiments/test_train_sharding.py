@@ -5,11 +5,16 @@ once from the same initial state on meshes (data, fsdp, tensor) = (8,1,1), (2,2,
 compared with (1,1,1): loss / metrics and the updated parameters agree within 1e-5 (float32).
 Measured differences are ~3e-7: only the order of the cross-device reductions changes (XLA
 splits the batch sums over data / fsdp and the matmul contractions over tensor), which moves
-float32 results by a few ulps; sampling is sharding-invariant (threefry is partitionable).
+float32 results by a few ulps; random draws do not depend on the sharding.
 
 The config is tiny (d_model 32, one layer, PPO with a critic so that every part of the loss and
 every parameter gets a gradient, lr 1e-2 so the step moves parameters by ~1e-2 >> 1e-5).
 ``n_kv_heads = 2`` on ``tensor = 4`` exercises the replication fallback for non-divisible dims.
+
+A whole short run (BC warm start + three updates, ``Trainer(config, mesh).init`` then
+``update``) on (2,1,1) and (2,2,2) is compared with (1,1,1): the post-BC state is bitwise equal
+(BC runs on one device), every update samples exactly the same tokens, and metrics / parameters
+agree within 1e-5 (docs/determinism.md).
 
 The update is compiled with ``xla_backend_optimization_level=0`` (LLVM codegen only; the SPMD
 partitioning under test is unchanged), which halves XLA:CPU compile time.
@@ -144,3 +149,89 @@ def test_update_matches_single_device(shape, host_state, reference):
              if ".mu" in jax.tree_util.keystr(p) and "up_proj" in jax.tree_util.keystr(p)
              and "policy" in jax.tree_util.keystr(p)]
     assert len(mu_up) == 1 and mu_up[0].sharding.spec == up.sharding.spec
+
+
+# ------------------------------------------------------------------ a whole short run per mesh
+RUN_MESHES = [(2, 1, 1), (2, 2, 2)]
+RUN_UPDATES = 3
+
+
+def run_config():
+    """``tiny_config`` with a BC warm start (64 demos, 2 epochs) and three updates. PPO with a
+    critic: every update has a gradient even when all sampled returns are equal."""
+    c = tiny_config()
+    c.bc.update(episodes=64, batch_size=16, epochs=2)
+    c.total_updates = RUN_UPDATES
+    return c
+
+
+class RecordingTrainer(Trainer):
+    """A Trainer that hands every sampled token batch to the host (in update order)."""
+
+    def __init__(self, config, mesh):
+        self.sampled: list[np.ndarray] = []
+        super().__init__(config, mesh)
+
+    def _sample_groups(self, params, key, *, num_groups, group_size):
+        traj = super()._sample_groups(params, key, num_groups=num_groups, group_size=group_size)
+        jax.debug.callback(lambda t: self.sampled.append(np.asarray(t)), traj.tokens)
+        return traj
+
+
+def run_short(shape):
+    """``Trainer(config, mesh).init`` (BC warm start included) and ``RUN_UPDATES`` updates:
+    (initial state, final state, metrics per update, sampled tokens per update) on the host."""
+    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)),
+                     devices=jax.devices()[:math.prod(shape)])
+    trainer = RecordingTrainer(run_config(), mesh)
+    state = trainer.init(jax.random.PRNGKey(0))
+    init = jax.tree.map(np.array, state)      # copies: the update donates the state
+    compiled = trainer.update.lower(state).compile(compiler_options=FAST_COMPILE)
+    metrics = []
+    for _ in range(RUN_UPDATES):
+        state, m = compiled(state)
+        metrics.append({k: float(v) for k, v in m.items()})
+    jax.effects_barrier()
+    return init, jax.tree.map(np.asarray, state), metrics, trainer.sampled
+
+
+@pytest.fixture(scope="module")
+def short_reference():
+    return run_short((1, 1, 1))
+
+
+def test_short_run_reference_is_not_trivial(short_reference):
+    init, final, metrics, sampled = short_reference
+    no_bc = run_config()
+    no_bc.bc.episodes = 0
+    before_bc = jax.jit(Trainer(no_bc).init)(jax.random.PRNGKey(0))
+    bc_moved = max(float(np.max(np.abs(a - b))) for a, b in
+                   zip(jax.tree.leaves(init.params), jax.tree.leaves(before_bc.params)))
+    assert bc_moved > 1e-3, bc_moved
+    assert len(sampled) == RUN_UPDATES and sampled[0].shape[0] == 16
+    assert not np.array_equal(sampled[0], sampled[1])
+    moved = max(float(np.max(np.abs(a - b))) for a, b in
+                zip(jax.tree.leaves(final.params), jax.tree.leaves(init.params)))
+    assert moved > 100 * TOL, moved
+    assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
+
+
+@pytest.mark.parametrize("shape", RUN_MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_short_run_matches_single_device(shape, short_reference):
+    """BC + three updates on a mesh: the BC state is bitwise the single-device one (BC runs on
+    one device whatever the mesh), every update samples exactly the same tokens (random bits
+    depend on the global row, not on the shard), and losses / parameters differ only by the
+    float order of the sharded reductions."""
+    ref_init, ref_final, ref_metrics, ref_sampled = short_reference
+    init, final, metrics, sampled = run_short(shape)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(init)[0], jax.tree.leaves(ref_init)):
+        np.testing.assert_array_equal(a, b, err_msg=f"initial state {jax.tree_util.keystr(path)}")
+    assert len(sampled) == RUN_UPDATES
+    for u, (a, b) in enumerate(zip(sampled, ref_sampled)):
+        np.testing.assert_array_equal(a, b, err_msg=f"tokens sampled in update {u + 1}")
+    for u, (m, r) in enumerate(zip(metrics, ref_metrics)):
+        for k, v in m.items():
+            assert abs(v - r[k]) <= TOL * max(1.0, abs(r[k])), (u + 1, k, v, r[k])
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(final.params)[0],
+                            jax.tree.leaves(ref_final.params)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=TOL, err_msg=jax.tree_util.keystr(path))

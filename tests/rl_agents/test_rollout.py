@@ -1,15 +1,18 @@
-"""Rollout: layout, loss mask, log-prob parity with the trainer's forward pass, early ends."""
+"""Rollout: layout, loss mask, log-prob parity with the trainer's forward pass, early ends,
+sampling that does not depend on how the batch is sharded."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import envs
 import models
 from envs import vocab
 from rl_agents import losses
 from rl_agents.rollout import action_valid_mask, oracle_policy, rollout, run_episodes
-from rl_agents.sampling import SamplingConfig
+from rl_agents.sampling import SamplingConfig, sample_tokens
 
 
 def tiny_model(env, **kw):
@@ -123,3 +126,25 @@ def test_greedy_rollout_deterministic_and_no_recompile():
 def test_action_valid_mask():
     a = jnp.array([[5, 6, vocab.EOS, 7, vocab.PAD], [5, vocab.PAD, 6, 7, 8], [vocab.EOS, 1, 1, 0, 0]])
     np.testing.assert_array_equal(action_valid_mask(a), [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0]])
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced) devices")
+@pytest.mark.parametrize("partitionable", [True, False], ids=["threefry_partitionable", "legacy"])
+def test_sampled_tokens_do_not_depend_on_the_batch_sharding(partitionable):
+    """One key draws the whole [B, V] batch; the random bits of an element are a function of
+    the key and its global index, so rows split over 8 devices draw exactly the tokens (and
+    log-probs) they draw on one device, with ``jax_threefry_partitionable`` on (the default)
+    or off (off only adds communication: the bits are gathered)."""
+    mesh = Mesh(np.array(jax.devices()[:8]), ("rows",))
+    key = jax.random.PRNGKey(5)
+    with jax.threefry_partitionable(partitionable):
+        logits = 2.0 * jax.random.normal(jax.random.PRNGKey(0), (32, vocab.size))
+        sharded = jax.device_put(logits, NamedSharding(mesh, P("rows")))
+        for cfg in (SamplingConfig(), SamplingConfig(temperature=0.7, top_k=8, top_p=0.9)):
+            draw = jax.jit(lambda x, k, cfg=cfg: sample_tokens(x, k, cfg))
+            tokens, logp = draw(logits, key)
+            s_tokens, s_logp = draw(sharded, key)
+            assert s_tokens.sharding.spec == P("rows")
+            np.testing.assert_array_equal(np.asarray(s_tokens), np.asarray(tokens))
+            np.testing.assert_array_equal(np.asarray(s_logp), np.asarray(logp))
+            assert len(np.unique(np.asarray(tokens))) > 4
