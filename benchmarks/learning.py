@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from experiments.configs.common import make_config
-from rl_agents.summarization import make_trainer
+from rl_agents.trainer import make_trainer
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 

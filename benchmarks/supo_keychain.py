@@ -176,11 +176,11 @@ def main(argv=None):
 
 
 def rl_phase(args, env, params, key, working_len):
-    """A few SupoTrainer (GRPO) updates from the BC policy at working length ``working_len``."""
+    """A few SUPO (GRPO) updates from the BC policy at working length ``working_len``."""
     import ml_collections
 
     from experiments.configs.common import make_config
-    from rl_agents.summarization import SupoTrainer
+    from rl_agents.trainer import make_trainer
 
     c = make_config("keychain", "grpo")
     c.env.kwargs = ml_collections.ConfigDict(dict(chain_len=args.chain_len, n_distractors=args.n_distractors,
@@ -196,7 +196,7 @@ def rl_phase(args, env, params, key, working_len):
                                                max_summaries=args.max_summaries,
                                                max_summaries_eval=args.max_summaries_eval,
                                                overlong_mask=True))
-    trainer = SupoTrainer(c)
+    trainer = make_trainer(c)
     state = trainer.fresh_state(key)
     policy = jax.tree.map(jnp.copy, params)      # the update donates its state; keep the BC params
     state = state.replace(params={"policy": policy}, ref_params=jax.tree.map(jnp.copy, policy),

@@ -2,7 +2,7 @@
 
 ``run_training(config, workdir)`` is what ``python -m experiments.train`` runs:
 
-1. ``check_config``: :func:`experiments.validation.validate_config` (mesh = device count, batch
+1. ``check_config``: :func:`rl_agents.validation.validate_config` (mesh = device count, batch
    divisible by the data axes, ...) plus the registries (algorithm, loss aggregation, KL
    estimator, advantage hyper-parameters, env knobs): a bad config fails here, before anything
    is compiled, with one :class:`ConfigError` line naming the field.
@@ -32,19 +32,14 @@ from typing import Any
 
 import jax
 
-import envs
 from experiments import distributed
 from experiments.checkpointing import Checkpointer, PreemptionGuard
-from experiments.mesh import make_mesh
+from models.sharding import make_mesh
 from experiments.metrics import MetricsWriter
-from experiments.validation import ConfigError, validate_config
-from rl_agents import losses
-from rl_agents.advantages import estimator_hparams
-from rl_agents.bc import BC_DECAYS
-from rl_agents.algorithms import get_algorithm, unsupported_option
 from rl_agents.nonfinite import all_finite
-from rl_agents.summarization import make_trainer
+from rl_agents.trainer import make_trainer
 from rl_agents.trainer import Trainer
+from rl_agents.validation import ConfigError, check_config
 
 __all__ = ["ConfigError", "NonFiniteError", "RUN_LENGTH_KEYS", "CONFIG_FILE", "config_fingerprint",
            "flat_config", "config_diff", "check_config", "build_trainer", "check_workdir_config",
@@ -107,59 +102,6 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- start-up checks
-def check_config(config, num_devices: int | None = None) -> None:
-    """Everything that can be checked without compiling; raises :class:`ConfigError` (one line
-    naming the field) for the first problem."""
-    validate_config(config, jax.device_count() if num_devices is None else num_devices,
-                    registered_envs=envs.registered())
-    rl = config.rl
-    try:
-        algorithm = get_algorithm(rl.algorithm)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    unsupported = unsupported_option(config)
-    if unsupported is not None:
-        raise ConfigError(unsupported)
-    if rl.agg not in losses.AGGREGATIONS:
-        raise ConfigError(f"config.rl.agg = {rl.agg!r} is not one of {sorted(losses.AGGREGATIONS)}")
-    if rl.kl_kind not in losses.KL_ESTIMATORS:
-        raise ConfigError(f"config.rl.kl_kind = {rl.kl_kind!r} is not one of "
-                          f"{sorted(losses.KL_ESTIMATORS)}")
-    for f in ("kl_coef", "entropy_coef", "value_coef", "value_clip", "dual_clip", "eps_low",
-              "eps_high", "target_kl"):
-        if float(rl.get(f, 0.0)) < 0:
-            raise ConfigError(f"config.rl.{f} must be >= 0, got {rl[f]!r}")
-    if rl.dual_clip and float(rl.dual_clip) <= 1.0:
-        raise ConfigError(f"config.rl.dual_clip = {rl.dual_clip!r}: dual-clip needs c > 1 (0: off)")
-    if int(rl.overlong_cache_len) < 0:
-        raise ConfigError(f"config.rl.overlong_cache_len must be >= 0, got {rl.overlong_cache_len!r}")
-    if algorithm.dynamic_sampling and float(rl.oversample) < 1.0:
-        raise ConfigError(f"config.rl.oversample = {rl.oversample!r} must be >= 1 (dynamic sampling)")
-    allowed = estimator_hparams(algorithm.advantage)
-    unknown = sorted(set(rl.advantage_kwargs.keys()) - set(allowed))
-    if unknown:
-        raise ConfigError(f"config.rl.advantage_kwargs.{unknown[0]} is not a hyper-parameter of the "
-                          f"{algorithm.advantage!r} advantage ({rl.algorithm}); it takes {sorted(allowed)}")
-    try:
-        envs.make(config.env.name, **dict(config.env.kwargs))
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.env.kwargs: {' '.join(str(e).split())}") from None
-    bc = config.bc
-    if int(bc.episodes) < 0:
-        raise ConfigError(f"config.bc.episodes must be >= 0, got {bc.episodes!r}")
-    if int(bc.episodes) > 0:
-        if int(bc.batch_size) < 1 or int(bc.epochs) < 1:
-            raise ConfigError(f"config.bc.batch_size and config.bc.epochs must be >= 1, got "
-                              f"{bc.batch_size!r}, {bc.epochs!r}")
-        if int(bc.batch_size) > int(bc.episodes):
-            raise ConfigError(f"config.bc.batch_size = {bc.batch_size} exceeds config.bc.episodes = "
-                              f"{bc.episodes} (no full SFT batch)")
-        if not 0.0 <= float(bc.epsilon) <= 1.0:
-            raise ConfigError(f"config.bc.epsilon must be in [0, 1], got {bc.epsilon!r}")
-        if bc.get("decay", "constant") not in BC_DECAYS:
-            raise ConfigError(f"config.bc.decay = {bc.decay!r} is not one of {', '.join(BC_DECAYS)}")
-
-
 def build_trainer(config, mesh=None) -> Trainer:
     """``Trainer(config, mesh)``; a setting it rejects becomes a one-line ConfigError."""
     try:

@@ -1,18 +1,31 @@
-"""Logical-axis sharding rules for the models' parameters.
+"""The device mesh and every sharding built on it (one module for the library and experiments).
 
-Every parameter carries logical axis names (``nn.with_logical_partitioning``): "vocab", "embed",
-"heads", "kv_heads", "head_dim", "mlp", and "layers" for the stacked axis of scan_layers.
-``LOGICAL_AXIS_RULES`` maps them onto the mesh axes ("data", "fsdp", "tensor"): weights are
-FSDP-sharded along "embed" and tensor-parallel along heads / mlp / vocab.
+Mesh ``("data", "fsdp", "tensor")`` (``make_mesh``):
+
+* ``data``  : pure data parallelism (params replicated across it),
+* ``fsdp``  : data parallelism whose params / optimizer state are sharded (ZeRO-3 style),
+* ``tensor``: Megatron-style tensor parallelism (heads / MLP hidden / vocab split).
+
+The batch axis is split over ``("data", "fsdp")`` (``data_sharding``). Every parameter carries
+logical axis names (``nn.with_logical_partitioning``): "vocab", "embed", "heads", "kv_heads",
+"head_dim", "mlp", and "layers" for the stacked axis of scan_layers. ``LOGICAL_AXIS_RULES``
+maps them onto the mesh axes: weights are FSDP-sharded along "embed" and tensor-parallel along
+heads / mlp / vocab.
 
 Divisibility: a dimension whose size is not divisible by the product of the mesh axes it maps
 to is replicated along those axes instead (``fit_spec``), so any model runs on any mesh; e.g.
 vocab 64 over tensor 4 is sharded, n_kv_heads 2 over tensor 4 is replicated. ``param_shardings``
-reports such fallbacks through its optional ``fallbacks`` list.
+and ``param_shardings_from_logical`` report such fallbacks through an optional ``fallbacks``
+list.
+
+Multi-process: ``put_global`` places host values identical on every process onto a global
+sharding. The mesh changes no random draw and no data order, only the float order of the
+sharded reductions (docs/determinism.md).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +34,14 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.config import ModelConfig
+
+__all__ = ["AXES", "BATCH_AXES", "LOGICAL_AXIS_RULES", "mesh_shape", "make_mesh", "data_sharding",
+           "replicated", "fit_spec", "abstract_boxed_params", "logical_param_specs",
+           "mesh_param_specs", "param_shardings", "param_shardings_from_logical",
+           "spec_shardings", "shard_params", "put_global"]
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
 
 LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
@@ -56,14 +77,21 @@ def logical_param_specs(cfg_or_module, example_tokens=None) -> Any:
     return nn.get_partition_spec(abstract_boxed_params(cfg_or_module, example_tokens))
 
 
+def _axes_size(mesh: Mesh, entry) -> int:
+    if entry is None:
+        return 1
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(mesh.shape[n] for n in names)
+
+
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """Replicate every dimension whose size is not divisible by its mesh axes' total size."""
+    """Replace each mesh-axis entry of ``spec`` whose dimension is not divisible by the mesh
+    axes' total size with ``None`` (replicated along that dimension)."""
     entries = list(spec) + [None] * (len(shape) - len(spec))
-    out = []
-    for entry, size in zip(entries, shape):
-        axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-        n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        out.append(entry if size % n == 0 else None)
+    if len(entries) > len(shape):
+        raise ValueError(f"PartitionSpec {spec} has more entries than the array has dims {tuple(shape)}")
+    out = [e if e is None or int(d) % _axes_size(mesh, e) == 0 else None
+           for e, d in zip(entries, shape)]
     while out and out[-1] is None:
         out.pop()
     return PartitionSpec(*out)
@@ -101,6 +129,137 @@ def param_shardings(module, mesh: Mesh, rules=LOGICAL_AXIS_RULES, example_tokens
                                             is_leaf=lambda s: isinstance(s, NamedSharding))
 
 
-def shard_params(params, shardings):
-    """``jax.device_put`` the params with a matching NamedSharding pytree."""
-    return jax.device_put(params, shardings)
+# ----------------------------------------------------------------------------- mesh
+def mesh_shape(mesh_cfg: Any) -> tuple[int, int, int]:
+    """``(data, fsdp, tensor)`` from a ConfigDict / dict / object with those fields, or a 3-tuple."""
+    if isinstance(mesh_cfg, (tuple, list)):
+        if len(mesh_cfg) != 3:
+            raise ValueError(f"mesh: expected (data, fsdp, tensor), got {tuple(mesh_cfg)}")
+        vals = tuple(mesh_cfg)
+    else:
+        get = (mesh_cfg.get if isinstance(mesh_cfg, Mapping) or hasattr(mesh_cfg, "get")
+               else lambda k, d=None: getattr(mesh_cfg, k, d))
+        vals = tuple(get(a, None) for a in AXES)
+    for name, v in zip(AXES, vals):
+        if v is None:
+            raise ValueError(f"mesh.{name} is missing")
+        if isinstance(v, bool) or int(v) != v or int(v) < 1:
+            raise ValueError(f"mesh.{name} must be a positive integer, got {v!r}")
+    return tuple(int(v) for v in vals)  # type: ignore[return-value]
+
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``Mesh`` of shape ``(data, fsdp, tensor)`` over ``devices`` (default: all devices).
+
+    Uses ``mesh_utils.create_device_mesh`` (topology-aware on TPU / GPU) and falls back to a
+    plain reshape in device order when that does not apply (e.g. a subset of CPU devices).
+    """
+    shape = mesh_shape(mesh_cfg)
+    devs = list(jax.devices() if devices is None else devices)
+    if math.prod(shape) != len(devs):
+        raise ValueError(f"mesh: data*fsdp*tensor = {shape[0]}*{shape[1]}*{shape[2]} = "
+                         f"{math.prod(shape)} but {len(devs)} devices are given")
+    try:
+        from jax.experimental import mesh_utils
+        arr = mesh_utils.create_device_mesh(shape, devices=devs, allow_split_physical_axes=True)
+    except Exception:  # noqa: BLE001 - unusual topologies: keep the given order
+        arr = np.asarray(devs, dtype=object).reshape(shape)
+    return Mesh(arr, AXES)
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``("data", "fsdp")``, other axes replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# ----------------------------------------------------------------------------- pytrees of specs
+def _padded(spec: PartitionSpec, ndim: int) -> tuple:
+    return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def param_shardings_from_logical(logical_specs: Any, mesh: Mesh, rules: Sequence[tuple],
+                                 shapes: Any = None, fallbacks: list | None = None) -> Any:
+    """Logical ``PartitionSpec`` tree -> ``NamedSharding`` tree via ``flax.linen.logical_to_mesh_sharding``.
+
+    ``rules``: ``((logical, mesh_axis | tuple | None), ...)`` e.g. ``models.LOGICAL_AXIS_RULES``.
+    ``shapes``: the matching tree of arrays / ``ShapeDtypeStruct`` (or anything with ``.shape``);
+    when given, non-divisible dimensions are replicated (see :func:`fit_spec`) and, if
+    ``fallbacks`` is a list, ``(path, mesh spec before the fallback, shape)`` of each such leaf is
+    appended to it.
+    ``None`` leaves in ``logical_specs`` mean fully replicated.
+    """
+    import flax.linen as nn
+    specs = jax.tree.map(lambda s: PartitionSpec() if s is None else s, logical_specs,
+                         is_leaf=lambda s: s is None or _is_spec(s))
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, tuple(rules))
+    if shapes is None:
+        return shardings
+
+    def fit(path, sh, leaf):
+        spec = fit_spec(sh.spec, leaf.shape, mesh)
+        n = len(leaf.shape)
+        if fallbacks is not None and _padded(spec, n) != _padded(sh.spec, n):
+            fallbacks.append((jax.tree_util.keystr(path), _padded(sh.spec, n), tuple(leaf.shape)))
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(fit, shardings, shapes,
+                                            is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def spec_shardings(specs: Any, mesh: Mesh, shapes: Any = None) -> Any:
+    """Mesh-axis ``PartitionSpec`` tree (already in mesh axis names) -> ``NamedSharding`` tree,
+    with the same divisibility fallback when ``shapes`` is given."""
+    specs = jax.tree.map(lambda s: PartitionSpec() if s is None else s, specs,
+                         is_leaf=lambda s: s is None or _is_spec(s))
+    if shapes is None:
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+    return jax.tree.map(lambda s, x: NamedSharding(mesh, fit_spec(s, x.shape, mesh)),
+                        specs, shapes, is_leaf=_is_spec)
+
+
+def shard_params(params: Any, specs_tree: Any, mesh: Mesh, rules: Sequence[tuple] | None = None) -> Any:
+    """``device_put`` ``params`` with the shardings of ``specs_tree``.
+
+    With ``rules`` the specs are logical names (converted by :func:`param_shardings_from_logical`),
+    without they are mesh axis names. Non-divisible dimensions are replicated.
+    """
+    if rules is not None:
+        shardings = param_shardings_from_logical(specs_tree, mesh, rules, shapes=params)
+    else:
+        shardings = spec_shardings(specs_tree, mesh, shapes=params)
+    return put_global(params, shardings)
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)`` that also holds in a multi-process job.
+
+    Each process must hold the full value of every leaf (the same on all processes, e.g. an
+    init computed identically everywhere); it builds the shards of its own devices from that
+    copy (``jax.make_array_from_callback``, no communication). Plain ``device_put`` of an array
+    committed to one local device onto a sharding that spans other processes' devices either
+    refuses or, for a replicated target, yields an array whose per-device buffers carry the
+    global sharding (orbax then fails with "An argument array had 2 shard(s)"). Leaves that
+    already span several processes are resharded by ``device_put``; typed PRNG keys go
+    through their key data. One process: plain ``device_put``.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x if x.sharding == sharding else jax.device_put(x, sharding)
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding),
+                                            impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree, shardings)

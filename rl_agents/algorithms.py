@@ -1,44 +1,118 @@
-"""Registry of RL algorithms, keyed by ``config.rl.algorithm``.
+"""The algorithm registry: one record per ``config.rl.algorithm``.
 
-An algorithm names its advantage estimator (see ``rl_agents.advantages``), whether it trains a
-critic (value model), whether it uses DAPO's dynamic sampling, and which trainer runs it
-(``rl_agents.summarization.make_trainer``: "default" = ``rl_agents.trainer.Trainer``,
-"archer" = ``rl_agents.archer.ArcherTrainer``). Everything else (clip range,
-aggregation, KL, entropy) is a loss setting in ``config.rl`` shared by all algorithms; the
-configs in ``experiments/configs`` set each paper's recipe. ``unsupported_option(config)``
-names the option combinations the trainers refuse.
+An algorithm is an ``Algorithm`` record, not a trainer subclass. It names
+
+* ``estimator``: its advantage estimator (``rl_agents.advantages.ADVANTAGE_ESTIMATORS``);
+* ``policy_loss``: its default policy loss (``rl_agents.losses.POLICY_LOSSES``; a config may
+  choose another with ``rl.policy_loss``);
+* ``critic``: whether a value model is trained; ``group_relative``: whether its estimator
+  compares the G rollouts of one task instance (then ``rollout.group_size`` >= 2);
+* ``dynamic_sampling``: DAPO's oversample-and-filter stage before the update;
+* ``stage``: an extra stage with its own state, by name (``"archer"``: the off-policy turn
+  critic of ``rl_agents.archer``, which replaces the estimator's advantages);
+* ``rl`` / ``advantage_kwargs``: its published recipe, the ``config.rl`` settings and estimator
+  hyper-parameters that ``experiments.configs.recipes.recipe`` writes into a config;
+* ``paper``: where the method comes from.
+
+``unsupported_option(config)`` names the option combinations the update refuses.
 """
 from __future__ import annotations
 
 import dataclasses
+import types
+from typing import Mapping
+
+
+def _frozen(d: Mapping) -> types.MappingProxyType:
+    return types.MappingProxyType({k: (_frozen(v) if isinstance(v, Mapping) else v)
+                                   for k, v in d.items()})
 
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-    advantage: str
+    name: str
+    estimator: str
     critic: bool
+    group_relative: bool
+    rl: Mapping = dataclasses.field(default_factory=dict)
+    advantage_kwargs: Mapping = dataclasses.field(default_factory=dict)
+    policy_loss: str = "ppo"
     dynamic_sampling: bool = False
+    stage: str | None = None
+    paper: str = ""
     doc: str = ""
-    trainer: str = "default"
+
+    def __post_init__(self):
+        object.__setattr__(self, "rl", _frozen(self.rl))
+        object.__setattr__(self, "advantage_kwargs", _frozen(self.advantage_kwargs))
 
 
-ALGORITHMS: dict[str, Algorithm] = {
-    "ppo": Algorithm("gae", True, doc="PPO with token-level GAE over agent tokens"),
-    "turn_ppo": Algorithm("turn_gae", True, doc="PPO with turn-level GAE"),
-    "bilevel_ppo": Algorithm("bilevel_gae", True, doc="RAGEN's bi-level GAE"),
-    "grpo": Algorithm("grpo", False, doc="GRPO: group mean / std normalised outcome"),
-    "dr_grpo": Algorithm("dr_grpo", False, doc="Dr. GRPO: group mean only"),
-    "rloo": Algorithm("rloo", False, doc="REINFORCE leave-one-out"),
-    "reinforce_pp": Algorithm("reinforce_pp", False, doc="REINFORCE++: batch-normalised returns"),
-    "reinforce_pp_baseline": Algorithm("reinforce_pp_baseline", False,
-                                       doc="REINFORCE++ with group-mean baseline"),
-    "gigpo": Algorithm("gigpo", False, doc="GiGPO: episode group + step groups"),
-    "dapo": Algorithm("grpo", False, dynamic_sampling=True,
-                      doc="DAPO: GRPO advantages + dynamic sampling (clip-higher etc. in config)"),
-    "archer": Algorithm("turn_gae", True, trainer="archer",
-                        doc="ArCHer: off-policy turn-level TD critic (replay buffer, Polyak target) "
-                            "whose turn GAE (λ=0: r + γV(s') − V(s)) drives a PPO-clip token policy"),
-}
+#: KL to the reference policy as a per-token reward penalty (k1, β = 0.01).
+_KL_IN_REWARD = dict(kl_coef=0.01, kl_kind="k1", kl_in_reward=True)
+_CRITIC_LOSS = dict(value_coef=0.5, value_clip=0.2)
+
+_REGISTRY = (
+    Algorithm("ppo", "gae", critic=True, group_relative=False,
+              rl=dict(agg="token-mean", **_CRITIC_LOSS, **_KL_IN_REWARD),
+              advantage_kwargs=dict(gamma=1.0, lam=0.95),
+              paper="https://arxiv.org/abs/1707.06347",
+              doc="PPO with token-level GAE over agent tokens"),
+    Algorithm("turn_ppo", "turn_gae", critic=True, group_relative=False,
+              rl=dict(agg="token-mean", **_CRITIC_LOSS, **_KL_IN_REWARD),
+              advantage_kwargs=dict(gamma=0.99, lam=0.9),
+              doc="PPO with turn-level GAE, V(s_k) read before the turn"),
+    Algorithm("bilevel_ppo", "bilevel_gae", critic=True, group_relative=False,
+              rl=dict(agg="token-mean", **_CRITIC_LOSS, **_KL_IN_REWARD),
+              advantage_kwargs=dict(gamma_turn=0.95, lam_turn=1.0, gamma_token=1.0,
+                                    lam_token=1.0, whiten=True),
+              paper="https://arxiv.org/abs/2504.20073",
+              doc="RAGEN's bi-level GAE"),
+    Algorithm("grpo", "grpo", critic=False, group_relative=True,
+              rl=dict(agg="seq-mean-token-mean", kl_coef=0.04, kl_kind="k3", kl_in_reward=False),
+              advantage_kwargs=dict(eps=1e-6, unbiased=True),
+              paper="https://arxiv.org/abs/2402.03300",
+              doc="GRPO: group mean / std normalised outcome"),
+    Algorithm("dr_grpo", "dr_grpo", critic=False, group_relative=True,
+              rl=dict(agg="seq-mean-token-sum-norm", kl_coef=0.0),
+              paper="https://arxiv.org/abs/2503.20783",
+              doc="Dr. GRPO: group mean only, length-unbiased aggregation"),
+    Algorithm("rloo", "rloo", critic=False, group_relative=True,
+              rl=dict(agg="token-mean", **_KL_IN_REWARD),
+              paper="https://arxiv.org/abs/2402.14740",
+              doc="REINFORCE leave-one-out"),
+    Algorithm("reinforce_pp", "reinforce_pp", critic=False, group_relative=False,
+              rl=dict(agg="token-mean", **_KL_IN_REWARD), advantage_kwargs=dict(gamma=1.0),
+              paper="https://arxiv.org/abs/2501.03262",
+              doc="REINFORCE++: batch-normalised returns"),
+    Algorithm("reinforce_pp_baseline", "reinforce_pp_baseline", critic=False,
+              group_relative=True, rl=dict(agg="token-mean", **_KL_IN_REWARD),
+              advantage_kwargs=dict(gamma=1.0),
+              paper="https://arxiv.org/abs/2501.03262",
+              doc="REINFORCE++ with group-mean baseline"),
+    Algorithm("gigpo", "gigpo", critic=False, group_relative=True,
+              rl=dict(agg="token-mean", kl_coef=0.01, kl_kind="k3", kl_in_reward=False),
+              advantage_kwargs=dict(gamma=0.95, omega=1.0, norm="mean"),
+              paper="https://arxiv.org/abs/2505.10978",
+              doc="GiGPO: episode group + step groups"),
+    Algorithm("dapo", "grpo", critic=False, group_relative=True, dynamic_sampling=True,
+              rl=dict(eps_low=0.2, eps_high=0.28, agg="token-mean", kl_coef=0.0, oversample=2.0),
+              advantage_kwargs=dict(eps=1e-6, unbiased=True),
+              paper="https://arxiv.org/abs/2503.14476",
+              doc="DAPO: GRPO advantages, clip-higher, token-mean, dynamic sampling, overlong "
+                  "penalty"),
+    Algorithm("archer", "turn_gae", critic=True, group_relative=False, stage="archer",
+              rl=dict(agg="token-mean", kl_coef=0.0,
+                      archer=dict(tau=0.1, replay_episodes=512, critic_updates=8,
+                                  critic_batch=32, critic_lr=5e-4, whiten=False)),
+              advantage_kwargs=dict(gamma=0.95, lam=0.0),
+              paper="https://arxiv.org/abs/2402.19446",
+              doc="ArCHer: off-policy turn-level TD critic (replay buffer, Polyak target) whose "
+                  "turn advantage r + γV(s') − V(s) drives a PPO-clip token policy"),
+)
+
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in _REGISTRY}
+#: Names of the group-relative algorithms (``rollout.group_size`` >= 2).
+GROUP_RELATIVE = frozenset(a.name for a in _REGISTRY if a.group_relative)
 
 
 def _get(node, dotted: str, default=None):

@@ -34,9 +34,11 @@ mixture of recent policies (no importance correction).
 
 Config (``config.rl``): ``algorithm = "archer"``, ``advantage_kwargs = {gamma, lam}`` (γ is the
 critic's discount too), and ``archer.{tau, replay_episodes, critic_updates, critic_batch,
-critic_lr, whiten}`` (missing keys take ``ArcherConfig``'s defaults). State: ``ArcherState``
-= ``TrainState`` with ``opt_state`` the policy optimizer's state, plus ``critic_opt_state``,
-``target_value`` and ``replay``; ``params = {"policy", "value"}`` as for the other critics.
+critic_lr, whiten}`` (missing keys take ``ArcherConfig``'s defaults). ``ArcherStage`` is the
+algorithm's extra stage in the trainer's update (``rl_agents.trainer``): it replaces the
+advantages stage and keeps ``ArcherExtra`` (the critic's optimizer state, its Polyak target and
+the replay buffer) in ``TrainState.extra``; ``opt_state`` is the policy optimizer's state and
+``params = {"policy", "value"}`` as for the other critics.
 
 Non-finite guard (``rl_agents.nonfinite``): critic and actor steps with a NaN / inf loss or
 gradient are skipped, and such a step, non-finite new parameters or non-finite fresh turn
@@ -47,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,13 +60,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import models
-from envs.wrappers import tree_select
-from rl_agents import bc as bc_lib
+from models.sharding import param_shardings_from_logical
 from rl_agents.advantages import broadcast_turns, masked_gae, masked_whiten, per_turn_sum
-from rl_agents.nonfinite import (NONFINITE_STEP, PRM_NONFINITE_STEP, all_finite, guarded_step,
-                                 nonfinite_metrics)
-from rl_agents.rollout import Trajectory
-from rl_agents.trainer import TrainState, Trainer, episode_metrics
+from rl_agents.nonfinite import guarded_step
 
 
 # ============================================================================================
@@ -237,44 +235,57 @@ def replay_sample(buf: ReplayBuffer, key: jax.Array, n: int) -> tuple[dict, jax.
 
 
 # ============================================================================================
-# Trainer
+# The stage in the trainer's update
 # ============================================================================================
 #: Per-step flag in the critic steps' stacked metrics: the step was not finite.
 CRITIC_NONFINITE_STEP = "critic/nonfinite_step"
 
 
 @struct.dataclass
-class ArcherState(TrainState):
-    """``TrainState`` (``opt_state``: the policy optimizer's) + the critic's optimizer state,
-    its Polyak target and the replay buffer."""
-    critic_opt_state: Any = None
-    target_value: Any = None
-    replay: Any = None
+class ArcherExtra:
+    """ArCHer's state in ``TrainState.extra``: the critic's optimizer state, its Polyak target
+    and the replay buffer."""
+    critic_opt_state: Any
+    target_value: Any
+    replay: ReplayBuffer
 
 
-class ArcherTrainer(Trainer):
-    """``Trainer`` with ArCHer's update: replay insert → ``critic_updates`` TD steps on replay
-    minibatches (target network, Polyak) → turn advantages from the updated critic on the fresh
-    batch → PPO-clip token-policy epochs. See the module docstring."""
+class StageOutput(NamedTuple):
+    """What a stage hands back to the update: the policy's training batch, the parameters it
+    trained (``{"value": ...}``), its new state, metrics, its non-finite step count and arrays
+    that must be finite for the update to be kept."""
+    batch: dict
+    params: dict
+    extra: Any
+    metrics: dict
+    bad_steps: jax.Array
+    check_finite: Any
 
-    def __init__(self, config, mesh: jax.sharding.Mesh | None = None):
-        r = config.rollout
-        self.archer = archer_config(config.rl, r.num_groups * r.group_size)
-        o = config.optim
-        self.critic_optimizer = optax.chain(optax.clip_by_global_norm(o.grad_clip),
+
+class ArcherStage:
+    """ArCHer's stage: replay insert → ``critic_updates`` TD steps on replay minibatches (target
+    network, Polyak) → turn advantages from the updated critic on the fresh batch; the trainer
+    then runs the PPO-clip token-policy epochs on ``loss_fn`` (the policy loss, no value term).
+    See the module docstring."""
+
+    def __init__(self, tr):
+        config = tr.config
+        self.archer = archer_config(config.rl, tr.num_episodes)
+        self.critic_optimizer = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip),
                                             optax.adam(self.archer.critic_lr))
-        super().__init__(config, mesh)
-        if self.algorithm.trainer != "archer":
-            raise ValueError(f"config.rl.algorithm={config.rl.algorithm!r} is not an ArCHer "
-                             f"algorithm (use 'archer')")
-        if self.algorithm.dynamic_sampling:
+        if tr.algorithm.dynamic_sampling:
             raise ValueError(f"config.rl.algorithm={config.rl.algorithm!r}: dynamic sampling is "
                              f"not supported with ArCHer")
-        if mesh is not None:
-            shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if tr.context.name != "full":
+            raise ValueError(f"config.rl.algorithm={config.rl.algorithm!r} needs "
+                             f"config.context.mode='full'")
+        if tr.mesh is not None:
+            shards = tr.mesh.shape["data"] * tr.mesh.shape["fsdp"]
             if self.archer.critic_batch % shards:
                 raise ValueError(f"config.rl.archer.critic_batch={self.archer.critic_batch} is "
                                  f"not divisible by mesh.data*mesh.fsdp = {shards}")
+        self.env, self.value_model, self.shard_rows = tr.env, tr.value_model, tr.shard_rows
+        self.loss_fn = lambda policy_params, mb: _actor_loss(tr, policy_params, mb)
 
     # ---------------------------------------------------------------- state
     def _replay_example(self) -> dict:
@@ -285,67 +296,35 @@ class ArcherTrainer(Trainer):
                     turn_rewards=jax.ShapeDtypeStruct((b, k), jnp.float32),
                     turn_valid=jax.ShapeDtypeStruct((b, k), bool))
 
-    def _archer_state(self, params, ref, key, extras) -> ArcherState:
+    def init(self, tr, params) -> tuple[Any, ArcherExtra]:
+        """(policy optimizer state, ``ArcherExtra``): the critic's optimizer state, its target
+        (a copy of the critic, whose trunk starts from the (BC) policy) and an empty replay."""
         value = params["value"]
-        return ArcherState(
-            params=params, opt_state=self.optimizer.init(params["policy"]), ref_params=ref,
-            key=key, step=jnp.zeros((), jnp.int32), **extras,
+        return tr.optimizer.init(params["policy"]), ArcherExtra(
             critic_opt_state=self.critic_optimizer.init(value),
             target_value=jax.tree.map(jnp.copy, value),
             replay=replay_init(self._replay_example(), self.archer.replay_episodes))
 
-    def fresh_state(self, key) -> ArcherState:
-        k_init, k_state = jax.random.split(key)
-        params = self.init_params(k_init)
-        ref = jax.tree.map(jnp.copy, params["policy"])
-        return self._archer_state(params, ref, k_state,
-                                  self._reward_extras(key, ref, train_rm=False))
-
-    def init(self, key, *, verbose: bool = False) -> ArcherState:
-        """Fresh params, BC warm start, critic trunk (and its target) from the policy, an empty
-        replay buffer."""
-        k_init, k_bc, k_state = jax.random.split(key, 3)
-        params = self.init_params(k_init)
-        if self.config.bc.episodes > 0:
-            params["policy"], _ = bc_lib.warm_start(
-                self.env, self.policy, params["policy"], k_bc, self.config.bc, verbose=verbose)
-            params["value"] = models.init_value_from_policy(params["policy"], params["value"])
-        ref = jax.tree.map(jnp.copy, params["policy"])
-        extras = self._reward_extras(key, ref, train_rm=True, verbose=verbose)
-        return self.place(self._archer_state(params, ref, k_state, extras))
-
-    def _state_shardings(self):
-        """As ``Trainer``'s, with the policy-only optimizer state, the critic's optimizer state
-        and target sharded like the critic, the replay buffer replicated."""
-        from experiments.mesh import param_shardings_from_logical
-
-        base = super()._state_shardings()
+    def shardings(self, tr, boxed) -> tuple[Any, ArcherExtra]:
+        """The policy-only optimizer state, the critic's optimizer state and target sharded like
+        the critic, the replay buffer replicated."""
         rules = models.LOGICAL_AXIS_RULES
-        boxed = jax.eval_shape(self._boxed_params, jax.random.PRNGKey(0))
 
         def opt_shardings(optimizer, boxed_params):
             b = jax.eval_shape(optimizer.init, boxed_params)
-            return param_shardings_from_logical(nn.get_partition_spec(b), self.mesh, rules,
+            return param_shardings_from_logical(nn.get_partition_spec(b), tr.mesh, rules,
                                                 shapes=nn.meta.unbox(b))
 
-        rep = NamedSharding(self.mesh, P())
+        value_sh = param_shardings_from_logical(nn.get_partition_spec(boxed["value"]), tr.mesh,
+                                                rules, shapes=nn.meta.unbox(boxed["value"]))
+        rep = NamedSharding(tr.mesh, P())
         abstract_replay = jax.eval_shape(
             lambda: replay_init(self._replay_example(), self.archer.replay_episodes))
-        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainState)}
-        fields["opt_state"] = opt_shardings(self.optimizer, boxed["policy"])
-        return ArcherState(**fields,
-                           critic_opt_state=opt_shardings(self.critic_optimizer, boxed["value"]),
-                           target_value=base.params["value"],
-                           replay=jax.tree.map(lambda _: rep, abstract_replay))
+        return opt_shardings(tr.optimizer, boxed["policy"]), ArcherExtra(
+            critic_opt_state=opt_shardings(self.critic_optimizer, boxed["value"]),
+            target_value=value_sh, replay=jax.tree.map(lambda _: rep, abstract_replay))
 
     # ---------------------------------------------------------------- rewards, critic
-    def _turn_rewards(self, traj: Trajectory, ref_logp) -> jax.Array:
-        """R_k ``[B, K]``: turn rewards + DAPO overlong penalty on the last turn + the turn's sum
-        of the KL-in-reward penalty −β·kl_t over its agent tokens (when enabled), as
-        ``Trainer.shaped_rewards`` folds them."""
-        _, r, _ = self.shaped_rewards(traj, ref_logp)
-        return jnp.where(traj.turn_valid, r.astype(jnp.float32), 0.0)
-
     def critic_turn_values(self, value_params, tokens, valid, state_pos) -> jax.Array:
         """V(s_k) ``[B, K]``: the critic's value head read at the turn-boundary positions."""
         head = self.value_model.apply({"params": value_params}, tokens,
@@ -369,7 +348,7 @@ class ArcherTrainer(Trainer):
         """One critic minibatch step on a replay sample + the Polyak target update."""
         value, opt_state, target, replay = carry
         rows, _ = replay_sample(replay, key, self.archer.critic_batch)
-        rows = self._shard_rows(rows)
+        rows = self.shard_rows(rows)
         (loss, metrics), grads = jax.value_and_grad(self.critic_loss, has_aux=True)(
             value, target, rows)
         value, opt_state, grad_norm, bad = guarded_step(self.critic_optimizer, value, opt_state,
@@ -379,34 +358,24 @@ class ArcherTrainer(Trainer):
         metrics[CRITIC_NONFINITE_STEP] = bad.astype(jnp.float32)
         return (value, opt_state, target, replay), metrics
 
-    # ---------------------------------------------------------------- actor
-    def actor_loss_fn(self, policy_params, mb):
-        """PPO-clip on the turn advantages − entropy bonus (+ KL loss), as ``Trainer.loss_fn``
-        without the value term (the critic is trained separately)."""
-        total, metrics = self.policy_loss(policy_params, mb)
-        metrics["loss"] = total
-        return total, metrics
-
-    def _update(self, state: ArcherState):
-        rl, a = self.config.rl, self.archer
-        key, k_roll, k_perm, k_critic = jax.random.split(state.key, 4)
-        traj, row_weight = self._collect(state.params["policy"], k_roll)
-        env_traj = traj
-        traj, prm, reward_metrics = self._reward_transform(state, traj, row_weight)
-        ref_logp = None
-        if rl.kl_coef > 0:
-            ref_logp, _ = self._logprobs(state.ref_params, traj.tokens, traj.valid)
+    # ---------------------------------------------------------------- the stage
+    def advantages(self, tr, state, traj, row_weight, key) -> StageOutput:
+        """Replay insert, critic TD steps, then the token batch with the turn advantages of the
+        updated critic on the fresh episodes."""
+        a, extra = self.archer, state.extra
+        ref_logp = tr.reference_logprobs(state, traj)
         k_turns = traj.turn_rewards.shape[1]
-        turn_r = self._turn_rewards(traj, ref_logp)
+        turn_r = turn_rewards(tr, traj, ref_logp)
         state_pos = turn_state_positions(traj.valid, traj.turn_ids, k_turns)
 
         # high level: insert the fresh episodes, then TD steps on replay minibatches
-        replay = replay_insert(state.replay, dict(
+        replay = replay_insert(extra.replay, dict(
             tokens=traj.tokens, valid=traj.valid, state_pos=state_pos, turn_rewards=turn_r,
             turn_valid=traj.turn_valid))
         (value, critic_opt, target, replay), critic_metrics = jax.lax.scan(
-            self.critic_step, (state.params["value"], state.critic_opt_state, state.target_value,
-                               replay), jax.random.split(k_critic, a.critic_updates))
+            self.critic_step, (state.params["value"], extra.critic_opt_state,
+                               extra.target_value, replay),
+            jax.random.split(key, a.critic_updates))
 
         # low level: turn advantages from the updated critic on the fresh batch
         v_turn = self.critic_turn_values(value, traj.tokens, traj.valid, state_pos)
@@ -419,34 +388,32 @@ class ArcherTrainer(Trainer):
                      old_logp=traj.behaviour_logp, advantages=adv)
         if ref_logp is not None:
             batch["ref_logp"] = ref_logp
-        policy, opt_state, metrics = self._optimize(self.actor_loss_fn, state.params["policy"],
-                                                    state.opt_state, batch, k_perm)
-        # non-finite guard (rl_agents.nonfinite): a bad actor / critic / PRM step, non-finite new
-        # params or non-finite fresh turn rewards (kept out of the replay) skip the whole update
-        bad_steps = (metrics.pop(NONFINITE_STEP).sum()
-                     + critic_metrics.pop(CRITIC_NONFINITE_STEP).sum()
-                     + reward_metrics.get(PRM_NONFINITE_STEP, 0.0))
-        params = {"policy": policy, "value": value}
-        skip = (bad_steps > 0) | ~all_finite((params, target, prm, turn_r))
-        params, opt_state, critic_opt, target, replay, prm = tree_select(
-            skip, (state.params, state.opt_state, state.critic_opt_state, state.target_value,
-                   state.replay, state.prm),
-            (params, opt_state, critic_opt, target, replay, prm))
-        metrics = jax.tree.map(jnp.mean, metrics)
-        metrics.update(jax.tree.map(jnp.mean, critic_metrics))
+        bad = critic_metrics.pop(CRITIC_NONFINITE_STEP).sum()
+        metrics = jax.tree.map(jnp.mean, critic_metrics)
         tv = traj.turn_valid
         n_turns = jnp.maximum(tv.sum(), 1)
         metrics["critic/fresh_value_mean"] = jnp.where(tv, v_turn, 0.0).sum() / n_turns
         metrics["actor/turn_advantage_mean"] = jnp.where(tv, a_turn, 0.0).sum() / n_turns
         metrics["actor/turn_advantage_abs"] = jnp.where(tv, jnp.abs(a_turn), 0.0).sum() / n_turns
         metrics["replay/size"] = replay.size.astype(jnp.float32)
-        metrics.update(episode_metrics(env_traj, "rollout"))
-        metrics.update(reward_metrics)
-        metrics["rollout/kept_fraction"] = row_weight.mean()
-        metrics.update(nonfinite_metrics(skip, bad_steps))
-        metrics.update(self.collect_metrics)
-        new_state = state.replace(
-            params=params, opt_state=opt_state, key=key,
-            step=state.step + 1, prm=prm, critic_opt_state=critic_opt, target_value=target,
-            replay=replay)
-        return new_state, metrics
+        # non-finite fresh turn rewards are kept out of the replay: the update is skipped
+        return StageOutput(batch=batch, params={"value": value},
+                           extra=ArcherExtra(critic_opt_state=critic_opt, target_value=target,
+                                             replay=replay),
+                           metrics=metrics, bad_steps=bad, check_finite=turn_r)
+
+
+def turn_rewards(tr, traj, ref_logp) -> jax.Array:
+    """R_k ``[B, K]``: turn rewards + DAPO overlong penalty on the last turn + the turn's sum of
+    the KL-in-reward penalty −β·kl_t over its agent tokens (when enabled), as
+    ``Trainer.shaped_rewards`` folds them."""
+    _, r, _ = tr.shaped_rewards(traj, ref_logp)
+    return jnp.where(traj.turn_valid, r.astype(jnp.float32), 0.0)
+
+
+def _actor_loss(tr, policy_params, mb):
+    """PPO-clip on the turn advantages − entropy bonus (+ KL loss), as ``Trainer.loss_fn``
+    without the value term (the critic is trained by the stage)."""
+    total, metrics = tr.policy_loss(policy_params, mb)
+    metrics["loss"] = total
+    return total, metrics

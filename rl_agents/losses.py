@@ -10,6 +10,7 @@ rollout's ``behaviour_logp``.
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Callable
 
@@ -157,10 +158,37 @@ def pg_policy_loss(logp, old_logp, advantages, mask, *, agg: str = "token-mean",
     return loss, metrics
 
 
+#: ``config.rl.policy_loss`` -> the loss (an algorithm's default is its record's ``policy_loss``).
 POLICY_LOSSES: dict[str, Callable] = {
     "ppo": ppo_policy_loss,
     "pg": pg_policy_loss,
 }
+
+
+def make_policy_loss(name: str, **settings) -> Callable:
+    """The registered policy loss ``name`` with its settings bound →
+    ``fn(logp, old_logp, advantages, mask, max_len=None) -> (loss, metrics)``.
+
+    ``settings`` are the run's loss settings (``eps_low``, ``eps_high``, ``dual_clip``, ``agg``,
+    ...); each loss takes the ones in its signature (``pg`` has no clip range, so it reads only
+    ``agg``). A setting that no registered loss takes is an error.
+    """
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"config.rl.policy_loss={name!r} is not one of {sorted(POLICY_LOSSES)}")
+    known = set().union(*(inspect.signature(f).parameters for f in POLICY_LOSSES.values()))
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"policy-loss setting {unknown[0]!r} is not taken by any of "
+                         f"{sorted(POLICY_LOSSES)}")
+    fn = POLICY_LOSSES[name]
+    params = inspect.signature(fn).parameters
+    bound = {k: v for k, v in settings.items() if k in params}
+
+    def loss(logp, old_logp, advantages, mask, max_len=None):
+        return fn(logp, old_logp, advantages, mask, max_len=max_len, **bound)
+
+    loss.__name__ = f"{name}_policy_loss"
+    return loss
 
 
 # ============================================================================================

@@ -6,8 +6,8 @@ optimizer state and every later checkpoint. Two levels, both inside the jitted u
 * ``guarded_step``: one optax step that leaves parameters and optimizer state unchanged when the
   loss or the gradient's global norm is not finite (every optimizer step of an update uses it:
   ``trainer.minibatch_epochs``, ArCHer's critic step, the PRIME PRM step).
-* the update: if any of its steps was not finite, or its new parameters are not, the trainers
-  return the trained state from before the update (parameters, optimizer states, PRM, ArCHer's
+* the update (``skip_nonfinite``): if any of its steps was not finite, or its new parameters
+  are not, the trainer returns the trained state from before the update (parameters, optimizer states, PRM, ArCHer's
   critic target and replay buffer); ``key`` and ``step`` still advance. ``nonfinite_metrics``
   reports it as ``update/skipped_nonfinite`` (0 / 1) and ``update/nonfinite_steps``.
 
@@ -23,7 +23,7 @@ import optax
 from envs.wrappers import tree_select
 
 __all__ = ["NONFINITE_STEP", "PRM_NONFINITE_STEP", "all_finite", "guarded_step",
-           "nonfinite_metrics"]
+           "skip_nonfinite", "nonfinite_metrics"]
 
 #: Per-step flag in the stacked metrics of ``minibatch_epochs``: the step was not finite.
 NONFINITE_STEP = "update/nonfinite_step"
@@ -47,6 +47,15 @@ def guarded_step(optimizer, params, opt_state, loss, grads):
     new_params = optax.apply_updates(params, updates)
     new_params, new_opt = tree_select(bad, (params, opt_state), (new_params, new_opt))
     return new_params, new_opt, grad_norm, bad
+
+
+def skip_nonfinite(bad_steps, new, old, also=()):
+    """The update-level guard → ``(skip, new or old)``: skip = any optimizer step of the update
+    was not finite (``bad_steps`` > 0) or a floating leaf of ``new`` or ``also`` (e.g. fresh
+    rewards that would enter a replay buffer) is NaN / inf; then ``old`` is returned in place of
+    ``new`` (same structure)."""
+    skip = (jnp.asarray(bad_steps) > 0) | ~all_finite((new, also))
+    return skip, tree_select(skip, old, new)
 
 
 def nonfinite_metrics(skip, bad_steps) -> dict:

@@ -30,7 +30,7 @@ stores each episode as ``S = max_summaries + 1`` segment slots of ``L`` tokens l
 ``[B·S, L]`` training rows on which a causal forward pass with positions ``arange(L)``
 recomputes the sampler's log-probs (``segment_valid`` marks the used slots).
 
-Training (``SupoTrainer``). Each segment is one PPO row; all segments of an episode share the
+Training (``SupoContext``, the trainer's context mode for ``config.context.mode = "supo"``). Each segment is one PPO row; all segments of an episode share the
 episode's outcome advantage: the config's critic-free estimator (GRPO by default) is run on the
 episode view ``[B, S·L]`` (its agent tokens = all segments' actions and summaries) and reshaped
 into rows. Overlong masking: episodes that hit the summary cap or the turn cap (``truncated``)
@@ -60,14 +60,11 @@ from envs import vocab
 from envs.base import Env
 from envs.wrappers import tree_select
 from rl_agents import bc as bc_lib
-from rl_agents import dapo
 from rl_agents.advantages import AdvantageInputs, compute_advantages
-from rl_agents.algorithms import ALGORITHMS
 from rl_agents.hashing import hash_tokens
 from rl_agents.rollout import (TurnOutput, action_valid_mask, generate, model_policy,
                                oracle_policy)
 from rl_agents.sampling import SamplingConfig
-from rl_agents.trainer import TrainState, Trainer, episode_metrics
 
 
 # ============================================================================================
@@ -527,7 +524,7 @@ def supo_warm_start(env: Env, model, params, key: jax.Array, bc_cfg, cfg: SupoCo
 
 
 # ============================================================================================
-# Trainer
+# Training rows (the "supo" context mode)
 # ============================================================================================
 def supo_config_from(context) -> tuple[SupoConfig, SupoConfig, bool]:
     """(training SupoConfig, eval SupoConfig, overlong_mask) from ``config.context``."""
@@ -546,69 +543,47 @@ def supo_config_from(context) -> tuple[SupoConfig, SupoConfig, bool]:
     return train, ev, mask
 
 
-class SupoTrainer(Trainer):
-    """``Trainer`` with SUPO rollouts: rows are episode segments ``[B·S, L]``, outcome advantages
-    shared by all segments of an episode, overlong (summary / turn cap) episodes masked out."""
+class SupoContext:
+    """``config.context.mode = "supo"`` in the trainer (``rl_agents.trainer``): rows are
+    episode segments ``[B·S, L]``, outcome advantages shared by all segments of an episode,
+    overlong (summary / turn cap) episodes masked out. A critic, KL-in-reward, the overlong
+    penalty and learned / process rewards are refused at start-up
+    (``rl_agents.algorithms.unsupported_option``)."""
 
-    def __init__(self, config, mesh: jax.sharding.Mesh | None = None):
-        self.supo, self.supo_eval, self.overlong_mask = supo_config_from(config.context)
-        super().__init__(config, mesh)
-        self.supo.validate(self.env)
-        self.supo_eval.validate(self.env)
-        # critic, KL-in-reward, overlong penalty, learned / process rewards: refused by
-        # Trainer.__init__ (rl_agents.algorithms.unsupported_option)
-        self.num_episodes = self.batch_size
-        self.batch_size = self.num_episodes * self.supo.num_segments   # PPO rows (segments)
-        self._traced_traj = None
+    name = "supo"
 
-    def init(self, key, *, verbose: bool = False) -> TrainState:
-        k_init, k_bc, k_state = jax.random.split(key, 3)
-        params = self.init_params(k_init)
-        if self.config.bc.episodes > 0:
-            params["policy"], _ = supo_warm_start(self.env, self.policy, params["policy"], k_bc,
-                                                  self.config.bc, self.supo, verbose=verbose)
-        ref = jax.tree.map(jnp.copy, params["policy"])
-        return self.place(TrainState(params=params, opt_state=self.optimizer.init(params),
-                                     ref_params=ref, key=k_state, step=jnp.zeros((), jnp.int32)))
+    def __init__(self, tr):
+        self.supo, self.supo_eval, self.overlong_mask = supo_config_from(tr.config.context)
+        self.supo.validate(tr.env)
+        self.supo_eval.validate(tr.env)
+        self.rows_per_episode = self.supo.num_segments
 
-    def _sample_groups(self, params, key, *, num_groups: int, group_size: int) -> SupoTrajectory:
-        return supo_rollout(self.env, self.policy, params, key, cfg=self.supo, num_groups=num_groups,
-                            group_size=group_size, sampling=self.sampling, shard_rows=self._shard_rows)
+    def sample(self, tr, params, key, *, num_groups: int, group_size: int,
+               eval_mode: bool = False, sampling: SamplingConfig | None = None) -> SupoTrajectory:
+        return supo_rollout(tr.env, tr.policy, params, key,
+                            cfg=self.supo_eval if eval_mode else self.supo,
+                            num_groups=num_groups, group_size=group_size,
+                            sampling=sampling or tr.sampling,
+                            shard_rows=(lambda tree: tree) if eval_mode else tr.shard_rows)
 
-    def _collect(self, params, key):
-        """Episodes and their weights ``[B]`` (dynamic sampling as in ``Trainer._collect``)."""
-        self.collect_metrics = {}
-        if not self.algorithm.dynamic_sampling:
-            traj = self._sample_groups(params, key, num_groups=self.num_groups,
-                                       group_size=self.group_size)
-            weight = jnp.ones((self.num_episodes,), jnp.float32)
-        else:
-            traj = self._sample_groups(params, key, num_groups=self.oversampled_groups(),
-                                       group_size=self.group_size)
-            traj, weight, self.collect_metrics = dapo.dynamic_sampling(
-                traj, self.num_groups, self.group_size)
-        self._traced_traj = traj   # read back by _update within the same trace (SUPO metrics)
-        return traj, weight
+    def warm_start(self, tr, policy_params, key, *, verbose: bool = False):
+        params, _ = supo_warm_start(tr.env, tr.policy, policy_params, key, tr.config.bc,
+                                    self.supo, verbose=verbose)
+        return params
 
-    def _prepare(self, state: TrainState, traj: SupoTrajectory, row_weight):
-        return prepare_supo_batch(traj, row_weight, self.algorithm.advantage,
-                                  dict(self.config.rl.advantage_kwargs), self.overlong_mask,
-                                  ref_logp_fn=(lambda t, v: self._logprobs(state.ref_params, t, v)[0])
-                                  if self.config.rl.kl_coef > 0 else None)
+    def batch(self, tr, state, traj: SupoTrajectory, row_weight) -> dict:
+        ref_logp_fn = None
+        if tr.config.rl.kl_coef > 0:
+            ref_logp_fn = lambda t, v: tr.logprobs(state.ref_params, t, v)[0]   # noqa: E731
+        return prepare_supo_batch(traj, row_weight, tr.algorithm.estimator,
+                                  dict(tr.config.rl.advantage_kwargs), self.overlong_mask,
+                                  ref_logp_fn=ref_logp_fn)
 
-    def _update(self, state: TrainState):
-        new_state, metrics = super()._update(state)
-        traj, self._traced_traj = self._traced_traj, None
-        if traj is not None:
-            metrics.update(supo_metrics(traj, "rollout"))
-            metrics["rollout/overlong_masked"] = traj.truncated.mean()
-        return new_state, metrics
-
-    def _evaluate(self, policy_params, key, *, episodes: int, greedy: bool = True):
-        sampling = SamplingConfig(greedy=True) if greedy else self.sampling
-        traj = supo_rollout(self.env, self.policy, policy_params, key, cfg=self.supo_eval,
-                            num_groups=episodes, group_size=1, sampling=sampling)
-        return {**episode_metrics(traj, "eval"), **supo_metrics(traj, "eval")}, traj
+    def metrics(self, traj: SupoTrajectory, prefix: str) -> dict:
+        out = supo_metrics(traj, prefix)
+        if prefix == "rollout":
+            out[f"{prefix}/overlong_masked"] = traj.truncated.mean()
+        return out
 
 
 def prepare_supo_batch(traj: SupoTrajectory, episode_weight, estimator: str = "grpo",
@@ -639,20 +614,3 @@ def prepare_supo_batch(traj: SupoTrajectory, episode_weight, estimator: str = "g
     if ref_logp_fn is not None:
         batch["ref_logp"] = ref_logp_fn(batch["tokens"], batch["valid"])
     return batch
-
-
-def make_trainer(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
-    """``SupoTrainer`` when ``config.context.mode == "supo"``; else (``config.context`` absent or
-    mode ``"full"``) the trainer the algorithm names (``Algorithm.trainer``): ``ArcherTrainer``
-    for ``config.rl.algorithm == "archer"``, the plain ``Trainer`` otherwise."""
-    context = config.get("context", None) if hasattr(config, "get") else getattr(config, "context", None)
-    mode = "full" if context is None else context.get("mode", "full")
-    if mode == "supo":
-        return SupoTrainer(config, mesh)
-    if mode == "full":
-        algorithm = ALGORITHMS.get(config.rl.algorithm)   # unknown names: Trainer raises
-        if algorithm is not None and algorithm.trainer == "archer":
-            from rl_agents.archer import ArcherTrainer
-            return ArcherTrainer(config, mesh)
-        return Trainer(config, mesh)
-    raise ValueError(f"config.context.mode={mode!r} is not one of ['full', 'supo']")

@@ -1,29 +1,40 @@
 """The one-program RL iteration (PureJaxRL's shape applied to multi-turn LLM agents).
 
-``update(state) -> (state, metrics)`` is a single jitted function:
+``Trainer(config, mesh)`` builds a run's components once (env, policy / value / reward models,
+optimizers, the algorithm's record from ``rl_agents.algorithms``, the context mode, the
+algorithm's extra stage) and exposes jitted pure functions:
 
-    rollout (KV-cached generation × env steps, lax.scan over turns)
-    → reference log-probs and critic values (one forward pass each)
-    → rewards (+ KL-in-reward, DAPO overlong penalty, folded in at the token, turn and
-      episode level alike: ``Trainer.shaped_rewards``) → advantages (registered estimator)
-    → ``epochs`` × ``minibatches`` optimizer steps (lax.scan), PPO-clip policy loss
-      + value loss + KL loss − entropy bonus.
+    init(key) -> TrainState                      (BC warm start, learned RM, optimizer states)
+    update(TrainState) -> (TrainState, metrics)  (one RL iteration, one XLA program)
+    evaluate(policy_params, key, episodes=, greedy=) -> (metrics, episodes)
 
-Non-finite guard: an optimizer step whose loss or gradient norm is NaN / inf is skipped
-(``minibatch_epochs``), and an update with any such step (the PRIME PRM's included) or with
-non-finite new parameters is skipped whole: parameters, optimizer states and the PRM are those
-from before the update; only ``key`` and ``step`` advance, so the next update samples a new
-batch. ``update/skipped_nonfinite`` (0 / 1) and ``update/nonfinite_steps`` report it; the host
-loop stops after ``config.rl.max_nonfinite_updates`` skipped updates in a row.
+``update`` is four named stages, each a method of explicit inputs and outputs; nothing is kept
+on the trainer between them:
 
-``make_train(config)`` returns ``train(key)``: init (with the BC warm start) and
-``lax.scan(update)`` over ``total_updates``, the whole run as one XLA program. The host loop in
-``experiments/train.py`` calls ``Trainer.update`` instead, for logging, eval and checkpoints.
+    collect     policy params, key -> episodes, row weights     (+ DAPO's dynamic sampling)
+    score       state, episodes    -> learned-RM / PRIME rewards (+ the PRM's online step)
+    advantages  state, episodes    -> training batch: reference log-probs, critic values,
+                                      shaped rewards (KL-in-reward, overlong penalty), the
+                                      algorithm's estimator; or the algorithm's extra stage
+                                      (ArCHer's turn critic: ``rl_agents.archer.ArcherStage``)
+    optimize    params, opt state, batch -> params, opt state    (``epochs`` × ``minibatches``
+                                      steps of ``rl.policy_loss`` + value loss + KL − entropy)
+
+then the non-finite guard (``rl_agents.nonfinite.skip_nonfinite``): an update with a NaN / inf
+optimizer step or non-finite new parameters is skipped whole (only ``key`` and ``step``
+advance; ``update/skipped_nonfinite``).
+
+What varies is composed, not subclassed: the context mode (``config.context.mode``: ``"full"``
+= ``FullContext``, ``"supo"`` = ``rl_agents.summarization.SupoContext``) decides how episodes
+are sampled, warm-started, cut into training rows and evaluated; the algorithm's ``stage``
+(``"archer"``) adds its own state (``TrainState.extra``) and replaces the advantages stage.
+
+``make_train(config)`` returns ``train(key)``: init, then ``lax.scan(update)`` over
+``total_updates`` (the whole run as one XLA program); ``experiments/train.py`` calls
+``Trainer.update`` from a host loop instead, for logging, eval and checkpoints.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -38,17 +49,18 @@ import envs
 import models
 from envs import vocab
 from envs.wrappers import tree_select
-from experiments.validation import LR_DECAYS
+from models.sharding import param_shardings_from_logical, put_global
 from rl_agents import bc as bc_lib
 from rl_agents import dapo, losses
 from rl_agents import process_rewards as process_lib
 from rl_agents import reward_models as rm_lib
 from rl_agents.advantages import AdvantageInputs, compute_advantages, per_turn_sum
 from rl_agents.algorithms import check_options, get_algorithm
-from rl_agents.nonfinite import (NONFINITE_STEP, PRM_NONFINITE_STEP, all_finite, guarded_step,
-                                 nonfinite_metrics)
+from rl_agents.nonfinite import (NONFINITE_STEP, PRM_NONFINITE_STEP, guarded_step,
+                                 nonfinite_metrics, skip_nonfinite)
 from rl_agents.rollout import Trajectory, rollout
 from rl_agents.sampling import SamplingConfig
+from rl_agents.validation import LR_DECAYS
 
 
 @struct.dataclass
@@ -60,6 +72,8 @@ class TrainState:
     step: jax.Array        # int32 []: updates done
     reward_params: Any = None  # frozen learned RM (config.reward.source == "learned"), else None
     prm: Any = None            # {"params", "opt_state"} of the PRIME implicit PRM, else None
+    extra: Any = None          # the algorithm stage's own state (ArCHer: critic optimizer
+    #                            state, target critic, replay buffer), else None
 
 
 def model_config(config, env) -> models.ModelConfig:
@@ -82,9 +96,92 @@ def sequence_values(value_model, params, tokens, valid) -> jax.Array:
     return jnp.concatenate([jnp.zeros_like(v[:, :1]), v[:, :-1]], axis=1)
 
 
+def kl_reward_penalty(behaviour_logp, ref_logp, mask, coef: float, kind: str) -> jax.Array:
+    """−β·kl_t on the agent tokens (0 elsewhere), kl_t = ``losses.kl_estimate`` of the sampled
+    token's behaviour vs reference log-prob: KL-in-reward's per-token penalty."""
+    kl = losses.kl_estimate(behaviour_logp, ref_logp, kind)
+    return jnp.where(mask, -coef * kl, 0.0)
+
+
+# ============================================================================================
+# Context modes: how episodes are sampled, warm-started, cut into rows and evaluated
+# ============================================================================================
+class FullContext:
+    """``config.context.mode = "full"`` (or no ``context``): each episode is one training row
+    of its whole token stream (``rl_agents.rollout``)."""
+
+    name = "full"
+
+    def __init__(self, trainer: "Trainer"):
+        self.rows_per_episode = 1
+
+    def sample(self, tr: "Trainer", params, key, *, num_groups: int, group_size: int,
+               eval_mode: bool = False, sampling: SamplingConfig | None = None) -> Trajectory:
+        return rollout(tr.env, tr.policy, params, key, num_groups=num_groups,
+                       group_size=group_size, sampling=sampling or tr.sampling,
+                       shard_rows=(lambda tree: tree) if eval_mode else tr.shard_rows)
+
+    def warm_start(self, tr: "Trainer", policy_params, key, *, verbose: bool = False):
+        params, _ = bc_lib.warm_start(tr.env, tr.policy, policy_params, key, tr.config.bc,
+                                      verbose=verbose)
+        return params
+
+    def batch(self, tr: "Trainer", state: TrainState, traj: Trajectory, row_weight) -> dict:
+        """The training rows: reference log-probs, shaped rewards, critic values and the
+        estimator's advantages."""
+        ref_logp = tr.reference_logprobs(state, traj)
+        mask = traj.loss_mask
+        rewards, turn_rewards, episode_return = tr.shaped_rewards(traj, ref_logp)
+        values = jnp.zeros(traj.tokens.shape, jnp.float32)
+        if tr.value_model is not None:
+            values = sequence_values(tr.value_model, state.params["value"], traj.tokens,
+                                     traj.valid)
+            values = jnp.where(mask, values, 0.0)
+        inputs = AdvantageInputs(
+            rewards=rewards, values=values, loss_mask=mask, turn_ids=traj.turn_ids,
+            turn_end=traj.turn_end, group_ids=traj.group_ids, turn_rewards=turn_rewards,
+            turn_valid=traj.turn_valid, turn_obs_hash=traj.turn_obs_hash,
+            episode_return=episode_return)
+        adv, returns = compute_advantages(tr.algorithm.estimator, inputs,
+                                          **dict(tr.config.rl.advantage_kwargs))
+        batch = dict(tokens=traj.tokens, valid=traj.valid,
+                     loss_mask=mask & (row_weight[:, None] > 0), old_logp=traj.behaviour_logp,
+                     advantages=adv, returns=returns, old_values=values)
+        if ref_logp is not None:
+            batch["ref_logp"] = ref_logp
+        return batch
+
+    def metrics(self, traj, prefix: str) -> dict:
+        return {}
+
+
+def _context(tr: "Trainer"):
+    context = tr.config.get("context", None)
+    mode = "full" if context is None else context.get("mode", "full")
+    if mode == "full":
+        return FullContext(tr)
+    if mode == "supo":
+        from rl_agents.summarization import SupoContext
+        return SupoContext(tr)
+    raise ValueError(f"config.context.mode={mode!r} is not one of ['full', 'supo']")
+
+
+def _stage(tr: "Trainer"):
+    name = tr.algorithm.stage
+    if name is None:
+        return None
+    if name == "archer":
+        from rl_agents.archer import ArcherStage
+        return ArcherStage(tr)
+    raise ValueError(f"algorithm {tr.algorithm.name!r} names an unknown stage {name!r}")
+
+
+# ============================================================================================
+# The trainer
+# ============================================================================================
 class Trainer:
-    """Builds env, models and optimizer from a config; exposes jitted ``init`` / ``update`` /
-    ``evaluate``."""
+    """A run's components and its jitted ``init`` / ``update`` / ``evaluate`` (module docstring).
+    Build it with ``make_trainer(config, mesh)``."""
 
     def __init__(self, config, mesh: jax.sharding.Mesh | None = None):
         self.config = config
@@ -92,18 +189,20 @@ class Trainer:
         self.env = make_env(config)
         self.algorithm = get_algorithm(config.rl.algorithm)
         check_options(config)
-        if type(self) is Trainer and self.algorithm.trainer != "default":
-            raise ValueError(f"config.rl.algorithm={config.rl.algorithm!r} needs the "
-                             f"{self.algorithm.trainer!r} trainer; build it with "
-                             f"rl_agents.summarization.make_trainer(config)")
         self.model_cfg = model_config(config, self.env)
         self.policy = models.PolicyModel(self.model_cfg)
         self.value_model = models.ValueModel(self.model_cfg) if self.algorithm.critic else None
+        rl = config.rl
+        self.policy_objective = losses.make_policy_loss(
+            rl.get("policy_loss", self.algorithm.policy_loss), eps_low=rl.eps_low,
+            eps_high=rl.eps_high, dual_clip=rl.dual_clip if rl.dual_clip > 0 else None,
+            agg=rl.agg)
         r = config.rollout
         self.num_groups, self.group_size = r.num_groups, r.group_size
-        self.batch_size = r.num_groups * r.group_size
+        self.num_episodes = r.num_groups * r.group_size
         self.sampling = SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
-        rl = config.rl
+        self.context = _context(self)
+        self.batch_size = self.num_episodes * self.context.rows_per_episode   # training rows
         if self.batch_size % rl.minibatches:
             raise ValueError(f"config.rl.minibatches={rl.minibatches} does not divide the batch "
                              f"{self.batch_size} (num_groups*group_size)")
@@ -130,16 +229,17 @@ class Trainer:
             process_lib.process_kwargs(self.process_cfg)        # validates the keys early
             self.prm_optimizer = optax.chain(optax.clip_by_global_norm(o.grad_clip),
                                              optax.adam(self.process_cfg.lr))
-        self.rm_metrics: dict = {}
-        self.collect_metrics: dict = {}   # set by _collect while an update is traced
+        self.stage = _stage(self)
+        self.rm_metrics: dict = {}        # the learned RM's held-out accuracy, set by init
         self.evaluate = jax.jit(self._evaluate, static_argnames=("episodes", "greedy"))
-        self.sample_groups = jax.jit(self._sample_groups, static_argnames=("num_groups", "group_size"))
+        self.sample_groups = jax.jit(self._sample_groups,
+                                     static_argnames=("num_groups", "group_size"))
         if mesh is None:
             self.state_shardings = None
-            self.update = jax.jit(self._update, donate_argnums=0)
+            self.update = jax.jit(self.step, donate_argnums=0)
         else:
             self.state_shardings = self._state_shardings()
-            self.update = jax.jit(self._update, donate_argnums=0,
+            self.update = jax.jit(self.step, donate_argnums=0,
                                   in_shardings=(self.state_shardings,),
                                   out_shardings=(self.state_shardings, NamedSharding(mesh, P())))
 
@@ -156,8 +256,6 @@ class Trainer:
     def _state_shardings(self):
         """NamedShardings of the TrainState: params and optimizer moments by the models'
         logical-axis rules (``models.LOGICAL_AXIS_RULES``), scalars and keys replicated."""
-        from experiments.mesh import param_shardings_from_logical
-
         boxed = jax.eval_shape(self._boxed_params, jax.random.PRNGKey(0))
         boxed_opt = jax.eval_shape(self.optimizer.init, boxed)
         unboxed = nn.meta.unbox(boxed)
@@ -179,24 +277,35 @@ class Trainer:
                 nn.get_partition_spec(boxed_prm_opt), self.mesh, rules,
                 shapes=nn.meta.unbox(boxed_prm_opt))
             extras["prm"] = {"params": param_sh["policy"], "opt_state": prm_opt_sh}
-        return TrainState(params=param_sh, opt_state=opt_sh, ref_params=param_sh["policy"],
-                          key=rep, step=rep, **extras)
+        state = TrainState(params=param_sh, opt_state=opt_sh, ref_params=param_sh["policy"],
+                           key=rep, step=rep, **extras)
+        if self.stage is not None:
+            opt_sh, extra_sh = self.stage.shardings(self, boxed)
+            state = state.replace(opt_state=opt_sh, extra=extra_sh)
+        return state
 
-    def _shard_rows(self, tree):
+    def shard_rows(self, tree):
         """Constrain batch-leading leaves to the ("data", "fsdp") axes of the mesh."""
         if self.mesh is None:
             return tree
         sh = NamedSharding(self.mesh, P(("data", "fsdp")))
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sh), tree)
 
+    def _new_state(self, params, ref, key, extras) -> TrainState:
+        state = TrainState(params=params, opt_state=self.optimizer.init(params), ref_params=ref,
+                           key=key, step=jnp.zeros((), jnp.int32), **extras)
+        if self.stage is not None:
+            opt_state, extra = self.stage.init(self, params)
+            state = state.replace(opt_state=opt_state, extra=extra)
+        return state
+
     def fresh_state(self, key) -> TrainState:
         """A state without the BC warm start (same structure as ``init``'s)."""
         k_init, k_state = jax.random.split(key)
         params = self.init_params(k_init)
         ref = jax.tree.map(jnp.copy, params["policy"])   # own buffers: the update donates params
-        return TrainState(params=params, opt_state=self.optimizer.init(params),
-                          ref_params=ref, key=k_state, step=jnp.zeros((), jnp.int32),
-                          **self._reward_extras(key, ref, train_rm=False))
+        return self._new_state(params, ref, k_state,
+                               self._reward_extras(key, ref, train_rm=False))
 
     def _reward_extras(self, key, ref, *, train_rm: bool, verbose: bool = False) -> dict:
         """TrainState fields of the reward config: the learned RM's params (trained here on
@@ -230,10 +339,9 @@ class Trainer:
 
     def place(self, state: TrainState) -> TrainState:
         """``state`` on ``state_shardings`` (global arrays in a multi-process job, built by each
-        process from its own identical copy: ``experiments.mesh.put_global``)."""
+        process from its own identical copy: ``models.sharding.put_global``)."""
         if self.state_shardings is None:
             return state
-        from experiments.mesh import put_global
         return put_global(state, self.state_shardings)
 
     # ---------------------------------------------------------------- init / BC warm start
@@ -246,49 +354,43 @@ class Trainer:
         return params
 
     def init(self, key, *, verbose: bool = False) -> TrainState:
-        """Fresh params, BC warm start on oracle demos (``config.bc.episodes > 0``), optimizer."""
+        """Fresh params, the context's BC warm start on oracle demos (``config.bc.episodes > 0``),
+        critic trunk from the (BC) policy, learned RM / PRM, optimizer and stage states."""
         k_init, k_bc, k_state = jax.random.split(key, 3)
         params = self.init_params(k_init)
         if self.config.bc.episodes > 0:
-            params["policy"], _ = bc_lib.warm_start(
-                self.env, self.policy, params["policy"], k_bc, self.config.bc, verbose=verbose)
+            params["policy"] = self.context.warm_start(self, params["policy"], k_bc,
+                                                       verbose=verbose)
             if self.value_model is not None:
                 params["value"] = models.init_value_from_policy(params["policy"], params["value"])
         ref = jax.tree.map(jnp.copy, params["policy"])   # own buffers: the update donates params
         extras = self._reward_extras(key, ref, train_rm=True, verbose=verbose)
-        return self.place(TrainState(params=params, opt_state=self.optimizer.init(params),
-                                     ref_params=ref, key=k_state,
-                                     step=jnp.zeros((), jnp.int32), **extras))
+        return self.place(self._new_state(params, ref, k_state, extras))
 
-    # ---------------------------------------------------------------- rollout + batch
-    def _collect(self, params, key) -> tuple[Trajectory, jax.Array]:
-        """Rollouts for one update and their row weights ``[B]``. With dynamic sampling
+    # ================================================================ stage 1: collect
+    def collect(self, policy_params, key) -> tuple[Any, jax.Array, dict]:
+        """``(episodes, row weights [B], metrics)`` for one update. With dynamic sampling
         (``dapo.dynamic_sampling``): ``round(num_groups · oversample)`` groups are sampled and
-        the groups with 0 < #successes < G kept (filler groups weighted 0 if too few). Its
-        metrics (``dapo/kept_fraction``) are left in ``self.collect_metrics`` for the update
-        being traced."""
-        self.collect_metrics = {}
+        the groups with 0 < #successes < G kept (filler groups weighted 0 if too few)."""
         if not self.algorithm.dynamic_sampling:
-            traj = self._sample_groups(params, key, num_groups=self.num_groups,
+            traj = self._sample_groups(policy_params, key, num_groups=self.num_groups,
                                        group_size=self.group_size)
-            return traj, jnp.ones((self.batch_size,), jnp.float32)
-        traj = self._sample_groups(params, key, num_groups=self.oversampled_groups(),
+            return traj, jnp.ones((self.num_episodes,), jnp.float32), {}
+        traj = self._sample_groups(policy_params, key, num_groups=self.oversampled_groups(),
                                    group_size=self.group_size)
-        traj, row_weight, self.collect_metrics = dapo.dynamic_sampling(
-            traj, self.num_groups, self.group_size)
-        return traj, row_weight
+        return dapo.dynamic_sampling(traj, self.num_groups, self.group_size)
 
     def oversampled_groups(self) -> int:
         """Groups sampled per update by dynamic sampling: max(num_groups,
         round(num_groups · config.rl.oversample))."""
         return max(self.num_groups, int(round(self.num_groups * self.config.rl.oversample)))
 
-    def _sample_groups(self, params, key, *, num_groups: int, group_size: int) -> Trajectory:
+    def _sample_groups(self, params, key, *, num_groups: int, group_size: int):
         """``num_groups × group_size`` sampled episodes, rows sharded over the data axes."""
-        return rollout(self.env, self.policy, params, key, num_groups=num_groups,
-                       group_size=group_size, sampling=self.sampling, shard_rows=self._shard_rows)
+        return self.context.sample(self, params, key, num_groups=num_groups,
+                                   group_size=group_size)
 
-    def _logprobs(self, policy_params, tokens, valid):
+    def logprobs(self, policy_params, tokens, valid):
         """``(logp, entropy)``, float32 ``[B,T]`` aligned with ``tokens``: entry t is
         log π(tokens[t] | tokens[<t]) and the entropy of that tempered distribution (logits /
         temperature at position t−1); entry 0 = 0. With ``config.rl.logprob_chunk`` = c > 0 the
@@ -309,7 +411,8 @@ class Trainer:
         ent = jnp.concatenate([jnp.zeros_like(ent[:, :1]), ent[:, :-1]], axis=1)
         return losses.sequence_logprobs(logits, tokens), ent
 
-    def _reward_transform(self, state: TrainState, traj: Trajectory, row_weight):
+    # ================================================================ stage 2: score
+    def score(self, state: TrainState, traj: Trajectory, row_weight):
         """``(traj, prm, metrics)``: with ``reward.source == "learned"`` the RM's episode score
         replaces the env reward (rewards / turn_rewards / episode_return); with
         ``reward.process.enabled`` the PRIME PRM takes its online step on the success labels and
@@ -319,7 +422,7 @@ class Trainer:
             traj = rm_lib.relabel_with_learned_reward(self.rm_model, state.reward_params, traj)
             metrics["rollout/learned_return"] = traj.episode_return.mean()
         if self.process_cfg is not None:
-            ref_logp, _ = self._logprobs(state.ref_params, traj.tokens, traj.valid)
+            ref_logp, _ = self.logprobs(state.ref_params, traj.tokens, traj.valid)
             traj, prm, pm = process_lib.apply_process_rewards(
                 traj, self.policy, prm, ref_logp, row_weight, optimizer=self.prm_optimizer,
                 temperature=self.sampling.temperature,
@@ -335,7 +438,7 @@ class Trainer:
         * DAPO's soft overlong penalty (``rl.overlong_cache_len`` > 0) on the episode's
           agent-token count: on the last turn's turn-end token, the last turn, the episode;
         * KL-in-reward (``rl.kl_in_reward`` with ``rl.kl_coef`` = β > 0): −β·kl_t on each agent
-          token (``losses.kl_in_reward``, kl_t of the sampled token vs the reference policy),
+          token (``kl_reward_penalty``: kl_t of the sampled token vs the reference policy),
           its sum over each turn's agent tokens on the turn, its sum over the episode on the
           return. The group-relative estimators (GRPO, Dr. GRPO, RLOO, DAPO, GiGPO's episode
           and step terms) therefore normalise the KL-penalised outcome.
@@ -354,49 +457,34 @@ class Trainer:
                 jnp.arange(k)[None] == last_turn[:, None])
             episode_return = episode_return + pen
         if rl.kl_coef > 0 and rl.kl_in_reward:
-            kl_pen = losses.kl_in_reward(jnp.zeros(rewards.shape, jnp.float32),
-                                         traj.behaviour_logp, ref_logp, mask, rl.kl_coef,
-                                         rl.kl_kind)
+            kl_pen = kl_reward_penalty(traj.behaviour_logp, ref_logp, mask, rl.kl_coef,
+                                       rl.kl_kind)
             rewards = rewards + kl_pen
             turn_rewards = turn_rewards + per_turn_sum(kl_pen, mask, traj.turn_ids, k)
             episode_return = episode_return + kl_pen.sum(-1)
         return rewards, turn_rewards, episode_return
 
-    def _prepare(self, state: TrainState, traj: Trajectory, row_weight):
-        rl = self.config.rl
-        ref_logp = None
-        if rl.kl_coef > 0:
-            ref_logp, _ = self._logprobs(state.ref_params, traj.tokens, traj.valid)
-        mask = traj.loss_mask
-        rewards, turn_rewards, episode_return = self.shaped_rewards(traj, ref_logp)
-        values = jnp.zeros(traj.tokens.shape, jnp.float32)
-        if self.value_model is not None:
-            values = sequence_values(self.value_model, state.params["value"], traj.tokens, traj.valid)
-            values = jnp.where(mask, values, 0.0)
-        inputs = AdvantageInputs(
-            rewards=rewards, values=values, loss_mask=mask, turn_ids=traj.turn_ids,
-            turn_end=traj.turn_end, group_ids=traj.group_ids, turn_rewards=turn_rewards,
-            turn_valid=traj.turn_valid, turn_obs_hash=traj.turn_obs_hash,
-            episode_return=episode_return)
-        adv, returns = compute_advantages(self.algorithm.advantage, inputs,
-                                          **dict(rl.advantage_kwargs))
-        batch = dict(tokens=traj.tokens, valid=traj.valid,
-                     loss_mask=mask & (row_weight[:, None] > 0), old_logp=traj.behaviour_logp,
-                     advantages=adv, returns=returns, old_values=values)
-        if ref_logp is not None:
-            batch["ref_logp"] = ref_logp
-        return batch
+    # ================================================================ stage 3: advantages
+    def reference_logprobs(self, state: TrainState, traj):
+        """log π_ref of the sampled tokens ``[B,T]`` when a KL term is on (``rl.kl_coef`` > 0),
+        else None."""
+        if self.config.rl.kl_coef > 0:
+            return self.logprobs(state.ref_params, traj.tokens, traj.valid)[0]
+        return None
 
-    # ---------------------------------------------------------------- loss + update
+    def advantages(self, state: TrainState, traj, row_weight) -> dict:
+        """The training batch (rows of the context mode) with the algorithm's advantages."""
+        return self.context.batch(self, state, traj, row_weight)
+
+    # ================================================================ stage 4: optimize
     def policy_loss(self, policy_params, mb):
-        """PPO-clip policy loss − entropy bonus (+ KL loss): ``(total, metrics)``."""
+        """``rl.policy_loss`` (PPO-clip by default) − entropy bonus (+ KL loss):
+        ``(total, metrics)``."""
         rl = self.config.rl
-        logp, ent = self._logprobs(policy_params, mb["tokens"], mb["valid"])
+        logp, ent = self.logprobs(policy_params, mb["tokens"], mb["valid"])
         mask = mb["loss_mask"]
-        pg, pg_metrics = losses.ppo_policy_loss(
-            logp, mb["old_logp"], mb["advantages"], mask, eps_low=rl.eps_low,
-            eps_high=rl.eps_high, dual_clip=rl.dual_clip if rl.dual_clip > 0 else None,
-            agg=rl.agg, max_len=mb["tokens"].shape[1])
+        pg, pg_metrics = self.policy_objective(logp, mb["old_logp"], mb["advantages"], mask,
+                                               max_len=mb["tokens"].shape[1])
         total = pg
         metrics = {"loss/policy": pg, **{f"policy/{k}": v for k, v in pg_metrics.items()}}
         # ent[:, t]: entropy of the distribution that produced token t (see _logprobs)
@@ -425,7 +513,7 @@ class Trainer:
         metrics["loss"] = total
         return total, metrics
 
-    def _optimize(self, loss_fn, params, opt_state, batch: dict, key):
+    def optimize(self, loss_fn, params, opt_state, batch: dict, key):
         """``minibatch_epochs`` of ``loss_fn`` with this run's optimizer, ``config.rl.epochs`` /
         ``minibatches`` / ``target_kl`` and batch size."""
         rl = self.config.rl
@@ -433,34 +521,50 @@ class Trainer:
                                 epochs=rl.epochs, minibatches=rl.minibatches,
                                 batch_size=self.batch_size, target_kl=float(rl.get("target_kl", 0.0)))
 
-    def _update(self, state: TrainState):
-        key, k_roll, k_perm = jax.random.split(state.key, 3)
-        traj, row_weight = self._collect(state.params["policy"], k_roll)
-        env_traj = traj
-        traj, prm, reward_metrics = self._reward_transform(state, traj, row_weight)
-        batch = self._prepare(state, traj, row_weight)
-        params, opt_state, metrics = self._optimize(self.loss_fn, state.params, state.opt_state,
-                                                    batch, k_perm)
-        bad_steps = metrics.pop(NONFINITE_STEP).sum() + reward_metrics.get(PRM_NONFINITE_STEP, 0.0)
-        skip = (bad_steps > 0) | ~all_finite((params, prm))
-        params, opt_state, prm = tree_select(skip, (state.params, state.opt_state, state.prm),
-                                             (params, opt_state, prm))
+    def step(self, state: TrainState):
+        """One RL iteration, pure (``update`` is its jit): collect → score → advantages (or the
+        algorithm's stage) → optimize → non-finite guard → ``(state, metrics)``."""
+        if self.stage is None:
+            key, k_roll, k_perm = jax.random.split(state.key, 3)
+        else:
+            key, k_roll, k_perm, k_stage = jax.random.split(state.key, 4)
+        env_traj, row_weight, collect_metrics = self.collect(state.params["policy"], k_roll)
+        traj, prm, reward_metrics = self.score(state, env_traj, row_weight)
+        if self.stage is None:
+            batch = self.advantages(state, traj, row_weight)
+            params, opt_state, metrics = self.optimize(self.loss_fn, state.params,
+                                                       state.opt_state, batch, k_perm)
+            extra, stage_bad, stage_finite, stage_metrics = state.extra, 0.0, (), {}
+        else:
+            out = self.stage.advantages(self, state, traj, row_weight, k_stage)
+            policy, opt_state, metrics = self.optimize(self.stage.loss_fn, state.params["policy"],
+                                                       state.opt_state, out.batch, k_perm)
+            params = {**state.params, "policy": policy, **out.params}
+            extra, stage_bad, stage_finite, stage_metrics = (out.extra, out.bad_steps,
+                                                             out.check_finite, out.metrics)
+        bad_steps = (metrics.pop(NONFINITE_STEP).sum() + stage_bad
+                     + reward_metrics.get(PRM_NONFINITE_STEP, 0.0))
+        skip, (params, opt_state, prm, extra) = skip_nonfinite(
+            bad_steps, new=(params, opt_state, prm, extra),
+            old=(state.params, state.opt_state, state.prm, state.extra), also=stage_finite)
         metrics = jax.tree.map(jnp.mean, metrics)
+        metrics.update(stage_metrics)
         metrics.update(episode_metrics(env_traj, "rollout"))    # env returns, not the learned ones
+        metrics.update(self.context.metrics(env_traj, "rollout"))
         metrics.update(reward_metrics)
         metrics["rollout/kept_fraction"] = row_weight.mean()
         metrics.update(nonfinite_metrics(skip, bad_steps))
-        metrics.update(self.collect_metrics)
+        metrics.update(collect_metrics)
         new_state = state.replace(params=params, opt_state=opt_state, key=key, step=state.step + 1,
-                                  prm=prm)
+                                  prm=prm, extra=extra)
         return new_state, metrics
 
     # ---------------------------------------------------------------- evaluation
     def _evaluate(self, policy_params, key, *, episodes: int, greedy: bool = True):
         sampling = SamplingConfig(greedy=True) if greedy else self.sampling
-        traj = rollout(self.env, self.policy, policy_params, key, num_groups=episodes,
-                       group_size=1, sampling=sampling)
-        return episode_metrics(traj, "eval"), traj
+        traj = self.context.sample(self, policy_params, key, num_groups=episodes, group_size=1,
+                                   eval_mode=True, sampling=sampling)
+        return {**episode_metrics(traj, "eval"), **self.context.metrics(traj, "eval")}, traj
 
 
 def lr_schedule(optim, total_steps: int):
@@ -542,22 +646,32 @@ def episode_metrics(traj: Trajectory, prefix: str) -> dict:
     }
 
 
+def make_trainer(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
+    """The ``Trainer`` of ``config`` (any algorithm, any context mode) on ``mesh`` (None: one
+    device, no shardings)."""
+    return Trainer(config, mesh)
+
+
+def make_update(config, mesh: jax.sharding.Mesh | None = None):
+    """``(init, update)``: the pure functions of a run. ``init(key) -> TrainState`` (warm start
+    included), ``update(state) -> (state, metrics)`` (jitted, donates ``state``)."""
+    trainer = make_trainer(config, mesh)
+    return trainer.init, trainer.update
+
+
 def make_train(config):
     """PureJaxRL shape: ``train(key) -> (final state, metrics stacked over updates)``, for every
-    registered algorithm and context mode: the trainer is the one
-    ``rl_agents.summarization.make_trainer(config)`` builds (``Trainer``, ``ArcherTrainer``,
-    ``SupoTrainer``), so ``train`` runs exactly the update ``experiments.train`` runs.
+    registered algorithm and context mode.
 
     The warm start (BC, learned RM) runs first (its own jitted steps); the ``total_updates`` RL
-    updates are one ``lax.scan`` inside one jit. ``train.trainer`` is the trainer.
+    updates are one ``lax.scan`` of the trainer's update inside one jit, exactly the update
+    ``experiments.train`` runs. ``train.trainer`` is the ``Trainer``.
     """
-    from rl_agents.summarization import make_trainer   # summarization imports this module
-
     trainer = make_trainer(config)
 
     @jax.jit
     def run(state):
-        return jax.lax.scan(lambda s, _: trainer._update(s), state, None,
+        return jax.lax.scan(lambda s, _: trainer.step(s), state, None,
                             length=config.total_updates)
 
     def train(key):

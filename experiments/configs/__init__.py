@@ -9,6 +9,12 @@ On the command line the same overrides are ``--config.total_updates=5 --config.m
 (absl ``config_flags``; the config is locked, so a misspelt field is an error, not a new key).
 :func:`parse_flags` turns every flag / override error into one ``error: ...`` line on stderr
 naming the flag and exits with status 2 (absl would print a traceback for unknown fields).
+
+Choosing another algorithm or task gives that choice's own settings: the config files take a
+big_vision-style argument (``--config experiments/configs/default.py:algo=ppo,env=kv_search``,
+``recipes.config_arg``) and build the chosen recipe before the overrides apply; the overrides
+``--config.rl.algorithm=ppo`` / ``--config.env.name=kv_search`` are routed into that argument
+(:func:`route_choices`), and so are ``load``'s ``rl.algorithm`` / ``env.name`` overrides.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 __all__ = ["CONFIG_DIR", "HELPER_MODULES", "available", "config_path", "load", "parse_flags",
-           "override_error"]
+           "override_error", "route_choices"]
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 #: Modules of this package that build configs but are not configs themselves.
@@ -50,8 +56,12 @@ def load(name: str, overrides: Mapping[str, Any] | None = None) -> ml_collection
     like the command line: an unknown key raises ValueError naming it)."""
     if name not in available():
         raise ValueError(f"unknown config {name!r}; available: {', '.join(available())}")
-    cfg = importlib.import_module(f"experiments.configs.{name}").get_config()
-    for key, value in dict(overrides or {}).items():
+    overrides = dict(overrides or {})
+    choices = {k: overrides[f] for k, f in _choice_fields().items() if f in overrides}
+    module = importlib.import_module(f"experiments.configs.{name}")
+    arg = ",".join(f"{k}={v}" for k, v in choices.items())
+    cfg = module.get_config(arg) if arg else module.get_config()
+    for key, value in overrides.items():
         missing = _missing_field(cfg, key)
         if missing is not None:
             raise ValueError(f"config {name!r} has no field {missing}")
@@ -63,6 +73,71 @@ def load(name: str, overrides: Mapping[str, Any] | None = None) -> ml_collection
             raise ValueError(f"config.{key} = {value!r}: {e}") from None
     cfg.lock()
     return cfg
+
+
+# ----------------------------------------------------------------------------- choices
+def _choice_fields() -> dict:
+    from experiments.configs.recipes import ARG_KEYS
+    return ARG_KEYS
+
+
+def _parse_arg(arg: str) -> dict:
+    out = {}
+    for item in filter(None, arg.split(",")):
+        key, _, value = item.partition("=")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def route_choices(argv: Sequence[str], flag: str = "config") -> list[str]:
+    """``argv`` with ``--config.rl.algorithm=X`` / ``--config.env.name=Y`` also passed to the
+    config file as its argument (``--config FILE.py:algo=X,env=Y``), so the file builds the
+    chosen algorithm's / task's recipe and the remaining overrides apply on top (the overrides
+    stay: they set the same values). Raises ValueError (one line) when the file's argument
+    already chooses differently, or the file does not take the choice (a one-task file and
+    ``--config.env.name``)."""
+    argv = list(argv)
+    spec = _config_spec(argv, flag)
+    if spec is None:
+        return argv
+    fields = {f: k for k, f in _choice_fields().items()}
+    chosen = {}
+    for key, raw in _config_overrides(argv, flag):
+        if key in fields and "=" in raw:
+            chosen[fields[key]] = (raw.split("=", 1)[1], raw)
+    if not chosen:
+        return argv
+    path, colon, arg = spec.partition(":")
+    given = _parse_arg(arg)
+    for k, (value, raw) in chosen.items():
+        if k in given and given[k] != value:
+            raise ValueError(f"{raw} contradicts --{flag}={spec} ({k}={given[k]})")
+        given[k] = value
+    new_arg = ",".join(f"{k}={v}" for k, v in given.items())
+    new_spec = f"{path}:{new_arg}"
+    module = _load_module(path)
+    if module is None:
+        return argv               # absl reports the file that cannot be loaded
+    try:
+        module.get_config(new_arg)
+    except Exception as e:  # noqa: BLE001 - the file's own one-line reason
+        raw = " ".join(c[1] for c in chosen.values())
+        raise ValueError(f"{raw}: {' '.join(str(e).split())}") from None
+    out = []
+    skip_next = False
+    for i, a in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            out.append(new_spec)
+            continue
+        if a in (f"--{flag}", f"-{flag}") and i + 1 < len(argv) and argv[i + 1] == spec:
+            skip_next = True
+            out.append(a)
+        elif a in (f"--{flag}={spec}", f"-{flag}={spec}"):
+            out.append(a.split("=", 1)[0] + "=" + new_spec)
+        else:
+            out.append(a)
+    return out
 
 
 # ----------------------------------------------------------------------------- flag parsing
@@ -105,15 +180,24 @@ def _config_spec(argv: Sequence[str], flag: str = "config") -> str | None:
     return None
 
 
-def _load_file(spec: str):
-    """``get_config()`` of a ``path.py[:arg]`` config spec; None if it cannot be loaded."""
+def _load_module(path: str):
+    """The config file at ``path`` as a module; None if it cannot be loaded."""
     import importlib.util
 
-    path, _, arg = spec.partition(":")
     try:
-        mod_spec = importlib.util.spec_from_file_location("_config_for_error", path)
+        mod_spec = importlib.util.spec_from_file_location("_config_file", path)
         module = importlib.util.module_from_spec(mod_spec)
         mod_spec.loader.exec_module(module)
+        return module
+    except Exception:  # noqa: BLE001 - absl reports the load error itself
+        return None
+
+
+def _load_file(spec: str):
+    """``get_config()`` of a ``path.py[:arg]`` config spec; None if it cannot be loaded."""
+    path, _, arg = spec.partition(":")
+    module = _load_module(path)
+    try:
         return module.get_config(arg) if arg else module.get_config()
     except Exception:  # noqa: BLE001 - only used to explain another error
         return None
@@ -167,6 +251,11 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     """absl ``flags_parser`` for ``app.run``: parse ``argv`` or exit(2) with one error line."""
     from absl import flags as absl_flags
 
+    try:
+        argv = route_choices(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         rest = absl_flags.FLAGS(list(argv))
         if "config" in absl_flags.FLAGS:

@@ -13,7 +13,7 @@ Keys (all read by ``rl_agents.trainer`` / ``experiments.train``):
 """
 import ml_collections
 
-GROUP_RELATIVE = ("grpo", "dr_grpo", "rloo", "gigpo", "reinforce_pp_baseline", "dapo")
+from rl_agents.algorithms import get_algorithm
 
 
 def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collections.ConfigDict:
@@ -39,6 +39,7 @@ def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collec
 
     c.rl = ml_collections.ConfigDict(dict(
         algorithm=algorithm,
+        policy_loss=get_algorithm(algorithm).policy_loss,   # losses.POLICY_LOSSES: "ppo" | "pg"
         epochs=2, minibatches=2,
         eps_low=0.2, eps_high=0.2, dual_clip=0.0,    # dual_clip c > 1 enables dual-clip
         agg="token-mean",
@@ -52,9 +53,7 @@ def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collec
         max_nonfinite_updates=3,                     # stop after this many NaN / inf updates in a row
         advantage_kwargs=ml_collections.ConfigDict(),
     ))
-    if algorithm == "ppo":
-        c.rl.advantage_kwargs = ml_collections.ConfigDict(dict(gamma=1.0, lam=0.95))
-    if algorithm not in GROUP_RELATIVE:
+    if not get_algorithm(algorithm).group_relative:
         c.rollout.group_size = 1
         c.rollout.num_groups = 64
 

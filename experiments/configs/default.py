@@ -12,18 +12,16 @@ room for RL to show. Two settings on top of the recipe:
 
 200 updates take a few minutes on a 2-core CPU, BC included; the final greedy success on 1,024
 evaluation episodes is in docs/results.md. Every task knob is under ``env.kwargs``, e.g.
-``--config.env.kwargs.n=64``.
+``--config.env.kwargs.n=64``. Another algorithm or task gets its own recipe, with this file's
+edits on top: ``--config experiments/configs/default.py:algo=ppo,env=kv_search``, or the
+same through ``--config.rl.algorithm=ppo --config.env.name=kv_search``.
 """
-import ml_collections
-
-from experiments.configs.recipes import recipe
+from experiments.configs.recipes import config_arg, recipe
 
 
-def get_config():
-    c = recipe("guess_number", "grpo")
-    # The recipe's GRPO hyper-parameters (eps=1e-6, unbiased std) are grpo()'s defaults; leaving
-    # advantage_kwargs empty lets `--config.rl.algorithm=ppo` etc. use their own defaults.
-    c.rl.advantage_kwargs = ml_collections.ConfigDict()
+def get_config(arg=None):
+    a = config_arg(arg, env="guess_number", algo="grpo")
+    c = recipe(a["env"], a["algo"])
     c.bc.epsilon = 0.4
     c.rollout.temperature = 0.5
     c.rollout.eval_episodes = 1024

@@ -3,10 +3,10 @@
 
     python -m experiments.train --config experiments/configs/guess_number_ppo.py --workdir workdirs/guess_number_ppo
 """
-from experiments.configs.recipes import recipe
+from experiments.configs.recipes import config_arg, recipe
 
 
-def get_config():
-    c = recipe("guess_number", "ppo")
+def get_config(arg=None):
+    c = recipe("guess_number", config_arg(arg, algo="ppo")["algo"])
     c.total_updates = 40
     return c

@@ -14,10 +14,11 @@ Eval may allow more summary rounds (``max_summaries_eval``).
 import ml_collections
 
 from experiments.configs.common import make_config
+from experiments.configs.recipes import config_arg
 
 
-def get_config():
-    c = make_config("keychain", "grpo")
+def get_config(arg=None):
+    c = make_config("keychain", config_arg(arg, algo="grpo")["algo"])   # a critic-free estimator
     c.env.kwargs = ml_collections.ConfigDict(dict(chain_len=4, n_distractors=4))
     c.context = ml_collections.ConfigDict(dict(
         mode="supo",             # "full": plain rollout over the whole episode

@@ -4,11 +4,11 @@ quarter of the agent-token budget, no KL.
 
     python -m experiments.train --config experiments/configs/kv_search_dapo.py --workdir workdirs/kv_search_dapo
 """
-from experiments.configs.recipes import recipe
+from experiments.configs.recipes import config_arg, recipe
 
 
-def get_config():
-    c = recipe("kv_search", "dapo")
+def get_config(arg=None):
+    c = recipe("kv_search", config_arg(arg, algo="dapo")["algo"])
     c.total_updates = 60
     c.eval_every = 20
     c.checkpoint_every = 20

@@ -3,11 +3,11 @@
 
     python -m experiments.train --config experiments/configs/kv_search_grpo.py --workdir workdirs/kv_search_grpo
 """
-from experiments.configs.recipes import recipe
+from experiments.configs.recipes import config_arg, recipe
 
 
-def get_config():
-    c = recipe("kv_search", "grpo")
+def get_config(arg=None):
+    c = recipe("kv_search", config_arg(arg, algo="grpo")["algo"])
     # Rollouts sampled at temperature 0.5 (the trainer's log-probs use the same temperature; greedy
     # evaluation is unaffected): from a noisy-BC start whose temperature-1 samples almost never
     # succeed (ε=0.6, 3 BC epochs: greedy 0.67, sampled 0.02) GRPO at 1.0 collapses to 0, at 0.5

@@ -3,11 +3,11 @@ advantage r + γV(s') − V(s) drives the PPO-clip token policy (compare with ma
 
     python -m experiments.train --config experiments/configs/maze_archer.py --workdir workdirs/maze_archer
 """
-from experiments.configs.recipes import recipe
+from experiments.configs.recipes import config_arg, recipe
 
 
-def get_config():
-    c = recipe("maze", "archer")
+def get_config(arg=None):
+    c = recipe("maze", config_arg(arg, algo="archer")["algo"])
     c.total_updates = 80
     c.eval_every = 20
     c.checkpoint_every = 20

@@ -3,11 +3,11 @@
 
     python -m experiments.train --config experiments/configs/maze_bilevel_ppo.py --workdir workdirs/maze_bilevel_ppo
 """
-from experiments.configs.recipes import recipe
+from experiments.configs.recipes import config_arg, recipe
 
 
-def get_config():
-    c = recipe("maze", "bilevel_ppo")
+def get_config(arg=None):
+    c = recipe("maze", config_arg(arg, algo="bilevel_ppo")["algo"])
     c.total_updates = 80
     c.eval_every = 20
     c.checkpoint_every = 20

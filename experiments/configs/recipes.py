@@ -1,27 +1,10 @@
-"""Published recipes as edits of ``make_config(env, algorithm)`` (see /work/shared/METHODS.md).
+"""Published recipes: ``recipe(env, algorithm)`` = ``make_config(env, algorithm)`` + every knob
+of the task under ``env.kwargs`` + the algorithm's settings.
 
-``recipe(env, algorithm)`` = ``make_config`` + the algorithm's settings + every knob of the task
-exposed under ``env.kwargs`` (so ``--config.env.kwargs.hops=3`` works from the command line).
-
-| algorithm      | settings                                                                        |
-|----------------|---------------------------------------------------------------------------------|
-| ppo            | token GAE γ=1, λ=0.95; KL-in-reward 0.01 (k1); value loss ½, clip 0.2           |
-|                | (Practitioner's Guide to multi-turn agentic RL)                                 |
-| turn_ppo       | turn-level GAE γ=0.99, λ=0.9; KL-in-reward 0.01                                 |
-| bilevel_ppo    | RAGEN bi-level GAE (turn γ=0.95, token γ=λ=1, whitened); KL-in-reward 0.01      |
-| grpo           | group mean/std advantages, seq-mean-token-mean loss, KL loss k3 β=0.04          |
-|                | (DeepSeekMath)                                                                  |
-| dr_grpo        | group-mean advantages, seq-mean-token-sum-norm loss (÷ max length), no KL       |
-| rloo           | leave-one-out baseline, token-mean loss, KL-in-reward 0.01 (the episode's       |
-|                | summed KL penalty is part of the return the baseline compares)                  |
-| reinforce_pp   | batch-normalised returns, token-level KL-in-reward 0.01 (k1)                    |
-|   (_baseline)  | the same after subtracting the group mean                                      |
-| gigpo          | episode group (mean only) + step groups γ=0.95, ω=1; KL loss k3 0.01 (verl-agent)|
-| dapo           | clip-higher ε=(0.2, 0.28), token-mean, dynamic sampling (oversample 2),         |
-|                | overlong penalty over the last quarter of the token budget, no KL               |
-| archer         | off-policy turn critic: TD(0) γ=0.95 from a 512-episode replay, 8 critic steps  |
-|                | of 32 episodes, Adam 5e-4, Polyak τ=0.1; actor: turn advantage r+γV'−V (λ=0),   |
-|                | PPO-clip token-mean, no KL (ArCHer; ``rl_agents.archer``)                       |
+The settings live in the algorithm's record (``rl_agents.algorithms.ALGORITHMS[name].rl`` and
+``.advantage_kwargs``), so an algorithm is defined in one place; ``apply_recipe`` writes them
+into ``config.rl``. ``env_kwargs`` exposes each task knob, so ``--config.env.kwargs.hops=3``
+works from the command line.
 """
 from __future__ import annotations
 
@@ -32,7 +15,7 @@ from ml_collections import config_dict
 
 from experiments.configs.common import make_config
 
-__all__ = ["recipe", "env_kwargs", "apply_recipe", "RECIPES"]
+__all__ = ["recipe", "env_kwargs", "apply_recipe", "config_arg", "ARG_KEYS"]
 
 
 def env_kwargs(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -64,42 +47,48 @@ def env_kwargs(name: str, **overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(out)
 
 
-_KL_IN_REWARD = dict(kl_coef=0.01, kl_kind="k1", kl_in_reward=True)
+#: ``--config FILE.py:KEY=VALUE,...`` keys and the config field each one chooses.
+ARG_KEYS = {"algo": "rl.algorithm", "env": "env.name"}
 
-#: algorithm -> (``config.rl`` settings, ``config.rl.advantage_kwargs``).
-RECIPES: dict[str, tuple[dict, dict]] = {
-    "ppo": (dict(agg="token-mean", value_coef=0.5, value_clip=0.2, **_KL_IN_REWARD),
-            dict(gamma=1.0, lam=0.95)),
-    "turn_ppo": (dict(agg="token-mean", value_coef=0.5, value_clip=0.2, **_KL_IN_REWARD),
-                 dict(gamma=0.99, lam=0.9)),
-    "bilevel_ppo": (dict(agg="token-mean", value_coef=0.5, value_clip=0.2, **_KL_IN_REWARD),
-                    dict(gamma_turn=0.95, lam_turn=1.0, gamma_token=1.0, lam_token=1.0,
-                         whiten=True)),
-    "grpo": (dict(agg="seq-mean-token-mean", kl_coef=0.04, kl_kind="k3", kl_in_reward=False),
-             dict(eps=1e-6, unbiased=True)),
-    "dr_grpo": (dict(agg="seq-mean-token-sum-norm", kl_coef=0.0), dict()),
-    "rloo": (dict(agg="token-mean", **_KL_IN_REWARD), dict()),
-    "reinforce_pp": (dict(agg="token-mean", **_KL_IN_REWARD), dict(gamma=1.0)),
-    "reinforce_pp_baseline": (dict(agg="token-mean", **_KL_IN_REWARD), dict(gamma=1.0)),
-    "gigpo": (dict(agg="token-mean", kl_coef=0.01, kl_kind="k3", kl_in_reward=False),
-              dict(gamma=0.95, omega=1.0, norm="mean")),
-    "dapo": (dict(eps_low=0.2, eps_high=0.28, agg="token-mean", kl_coef=0.0, oversample=2.0),
-             dict(eps=1e-6, unbiased=True)),
-    # a plain dict (ConfigDict.update copies it): a shared ConfigDict would leak edits
-    "archer": (dict(agg="token-mean", kl_coef=0.0,
-                    archer=dict(tau=0.1, replay_episodes=512, critic_updates=8, critic_batch=32,
-                                critic_lr=5e-4, whiten=False)),
-               dict(gamma=0.95, lam=0.0)),
-}
+
+def config_arg(arg: str | None, **defaults) -> dict:
+    """The choices of a config file from its big_vision-style argument.
+
+    ``python -m experiments.train --config experiments/configs/default.py:algo=ppo,env=maze``
+    calls ``get_config("algo=ppo,env=maze")``; ``config_arg(arg, algo="grpo", env="guess_number")``
+    returns ``{"algo": "ppo", "env": "maze"}``, so the file builds ``recipe(env, algo)``: the
+    chosen algorithm's own settings, then the file's edits. ``defaults`` names the keys the file
+    takes (a file for one task takes ``algo`` only). A key it does not take, or an item that is
+    not ``KEY=VALUE``, raises ValueError naming it.
+    """
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise ValueError(f"config argument {item!r} is not KEY=VALUE (e.g. algo=ppo)")
+        if key not in defaults:
+            raise ValueError(f"config argument {key!r} is not taken by this config file; it takes "
+                             f"{sorted(defaults)}")
+        out[key] = value
+    return out
+
+
+def _plain(mapping) -> dict:
+    """A registry mapping as plain nested dicts (``ConfigDict.update`` copies them)."""
+    return {k: (_plain(v) if hasattr(v, "items") else v) for k, v in mapping.items()}
 
 
 def apply_recipe(c: ml_collections.ConfigDict, algorithm: str) -> ml_collections.ConfigDict:
-    if algorithm not in RECIPES:
-        raise ValueError(f"no recipe for algorithm {algorithm!r}; recipes: {sorted(RECIPES)}")
-    rl_settings, adv_kwargs = RECIPES[algorithm]
-    c.rl.update(rl_settings)
-    c.rl.advantage_kwargs = ml_collections.ConfigDict(adv_kwargs)
-    if algorithm == "dapo":
+    """Write ``algorithm``'s registered settings into ``c.rl`` (and its estimator
+    hyper-parameters into ``c.rl.advantage_kwargs``). DAPO's overlong window is the last
+    quarter of the task's agent-token budget."""
+    from rl_agents.algorithms import get_algorithm
+
+    algo = get_algorithm(algorithm)
+    c.rl.update(_plain(algo.rl))
+    c.rl.advantage_kwargs = ml_collections.ConfigDict(_plain(algo.advantage_kwargs))
+    if algo.dynamic_sampling:
         import envs
         env = envs.make(c.env.name, **dict(c.env.kwargs))
         c.rl.overlong_cache_len = max(1, env.max_turns * env.action_len // 4)

@@ -2,11 +2,11 @@
 
     python -m experiments.train --config experiments/configs/wordle_grpo.py --workdir workdirs/wordle_grpo
 """
-from experiments.configs.recipes import recipe
+from experiments.configs.recipes import config_arg, recipe
 
 
-def get_config():
-    c = recipe("wordle", "grpo")
+def get_config(arg=None):
+    c = recipe("wordle", config_arg(arg, algo="grpo")["algo"])
     c.total_updates = 80
     c.eval_every = 20
     c.checkpoint_every = 20

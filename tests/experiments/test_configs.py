@@ -13,7 +13,7 @@ import envs
 from experiments import configs
 from experiments.configs import recipes
 from experiments.run import build_trainer, check_config, flat_config
-from experiments.validation import validate_config
+from rl_agents.validation import validate_config
 from rl_agents.advantages import estimator_hparams
 from rl_agents.algorithms import ALGORITHMS
 from rl_agents.trainer import Trainer
@@ -84,7 +84,7 @@ def test_recipes():
     assert dict(gigpo.rl.advantage_kwargs) == {"gamma": 0.95, "omega": 1.0, "norm": "mean"}
     rpp = _get("bandit_reinforce_pp")
     assert rpp.rollout.group_size == 1 and rpp.rl.kl_in_reward
-    with pytest.raises(ValueError, match="no recipe"):
+    with pytest.raises(ValueError, match="'not_an_algorithm' is not registered"):
         recipes.recipe("maze", "not_an_algorithm")
 
 
@@ -167,7 +167,7 @@ def test_every_config_field_is_read(name):
         if parts[:2] == ["env", "kwargs"] and len(parts) == 3:
             ok = parts[2] in env_params                 # passed to envs.make(name, **kwargs)
         elif parts[:2] == ["rl", "advantage_kwargs"] and len(parts) == 3:
-            ok = parts[2] in estimator_hparams(algorithm.advantage)   # compute_advantages(**kw)
+            ok = parts[2] in estimator_hparams(algorithm.estimator)   # compute_advantages(**kw)
         else:
             ok = all(p in read for p in parts)
         if not ok:
@@ -180,3 +180,65 @@ def test_dead_field_detector_can_fail():
     assert {"d_model", "kl_coef", "overlong_cache_len", "log_every", "eval_episodes"} <= read
     assert "definitely_not_a_read_field" not in read
     assert "get_config" not in read        # configs/ is not scanned: builders are not readers
+
+
+# ----------------------------------------------------------------------------- choosing a recipe
+RECIPE_KEYS = ("rollout.num_groups", "rollout.group_size", "rl.agg", "rl.kl_coef", "rl.kl_kind",
+               "rl.kl_in_reward", "rl.value_coef", "rl.value_clip", "rl.eps_high",
+               "rl.policy_loss", "rl.overlong_cache_len")
+
+
+def _field(cfg, dotted):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _parse(argv):
+    """The config absl's ``config_flags`` builds from ``argv`` after ``route_choices``."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()   # override flags are declared from the argv, as sys.argv in train
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True,
+                                    sys_argv=list(argv))
+    fv(configs.route_choices(argv))
+    return fv.config
+
+
+@pytest.mark.parametrize("algo", ["ppo", "dapo", "archer"])
+def test_choosing_an_algorithm_on_the_command_line_gives_its_recipe(algo):
+    """``--config.rl.algorithm=ALGO`` on default.py: ALGO's own recipe (group size, KL, loss and
+    estimator settings) with default.py's edits on top, not GRPO's settings under ALGO's name."""
+    path = configs.config_path("default")
+    cfg = _parse(["train", "--config", path, f"--config.rl.algorithm={algo}",
+                  "--config.total_updates=7"])
+    want = recipes.recipe("guess_number", algo)
+    grpo = recipes.recipe("guess_number", "grpo")
+    for key in RECIPE_KEYS:
+        assert _field(cfg, key) == _field(want, key), key
+    assert dict(cfg.rl.advantage_kwargs) == dict(want.rl.advantage_kwargs)
+    assert any(_field(want, k) != _field(grpo, k) for k in RECIPE_KEYS)    # the test can fail
+    assert cfg.bc.epsilon == 0.4 and cfg.rollout.temperature == 0.5    # default.py's edits
+    assert cfg.total_updates == 7                                       # overrides on top
+    # the file's argument and configs.load give the same config
+    assert cfg.to_json() == _parse(["train", f"--config={path}:algo={algo}",
+                                    "--config.total_updates=7"]).to_json()
+    assert configs.load("default", {"rl.algorithm": algo, "total_updates": 7}).to_json() == \
+        cfg.to_json()
+
+
+def test_choosing_a_task_and_contradictions():
+    path = configs.config_path("default")
+    cfg = _parse(["train", "--config", path, "--config.env.name=kv_search",
+                  "--config.rl.algorithm=ppo"])
+    want = recipes.recipe("kv_search", "ppo")
+    assert cfg.env.to_json() == want.env.to_json() and cfg.rl.algorithm == "ppo"
+    with pytest.raises(ValueError, match=r"--config.rl.algorithm=ppo contradicts .*algo=grpo"):
+        configs.route_choices(["train", f"--config={path}:algo=grpo", "--config.rl.algorithm=ppo"])
+    one_task = configs.config_path("calculator_grpo")
+    with pytest.raises(ValueError, match=r"--config.env.name=maze: config argument 'env' is not "
+                                         r"taken by this config file"):
+        configs.route_choices(["train", "--config", one_task, "--config.env.name=maze"])
+    assert _parse(["train", "--config", one_task, "--config.rl.algorithm=rloo"]).to_json() == \
+        configs.load("calculator_rloo").to_json()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import distributed
-from experiments.mesh import data_sharding, make_mesh
+from models.sharding import data_sharding, make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GLOBAL_BATCH, D = 8, 3
@@ -41,7 +41,7 @@ WORKER = textwrap.dedent('''
     from experiments import distributed
     assert distributed.initialize_from_env()            # reads JAX_COORDINATOR_ADDRESS etc.
     import jax, jax.numpy as jnp
-    from experiments.mesh import make_mesh, data_sharding, put_global, replicated
+    from models.sharding import make_mesh, data_sharding, put_global, replicated
     from experiments.metrics import MetricsWriter
     from tests.experiments.test_distributed import D, _data
 

@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 import models
 from experiments.configs.common import make_config
-from experiments.mesh import make_mesh
+from models.sharding import make_mesh
 from rl_agents.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced) devices")

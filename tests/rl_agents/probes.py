@@ -54,7 +54,7 @@ def tiny(env: str, algorithm: str, *, groups: int = 4, group_size: int = 2, **en
 
 
 def batch_pick(args, kwargs, out):
-    """``Trainer._optimize(loss_fn, params, opt_state, batch, key)`` → the batch it trains on."""
+    """``Trainer.optimize(loss_fn, params, opt_state, batch, key)`` → the batch it trains on."""
     return args[4]
 
 

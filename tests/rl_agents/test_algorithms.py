@@ -116,7 +116,7 @@ def expected_advantages(name, traj, batch, config):
              turn_valid=traj["turn_valid"], turn_obs_hash=observation_keys(traj),
              episode_return=ret)
     bcast = lambda a: np.where(m, np.asarray(a)[:, None], 0.0)
-    adv = ALGORITHMS[name].advantage
+    adv = ALGORITHMS[name].estimator
     if adv == "gae":
         return ref_gae(d, kw["gamma"], kw["lam"])[0]
     if adv == "turn_gae":
@@ -157,7 +157,7 @@ def test_make_train_runs_every_algorithm_and_trains_on_the_reference_advantages(
     rec = probes.Recorder()
     cls = type(trainer)
     rec.wrap(monkeypatch, cls, "_sample_groups", probes.traj_pick)
-    rec.wrap(monkeypatch, cls, "_optimize", probes.batch_pick)
+    rec.wrap(monkeypatch, cls, "optimize", probes.batch_pick)
     if name == "archer":
         rec.wrap(monkeypatch, archer_lib, "turn_advantages",
                  lambda args, kwargs, out: dict(r=args[0], v=args[1], tv=args[2], a=out))
@@ -167,7 +167,7 @@ def test_make_train_runs_every_algorithm_and_trains_on_the_reference_advantages(
     state, metrics = jax.block_until_ready(train(jax.random.PRNGKey(0)))
     assert int(state.step) == 1 and metrics["loss"].shape == (1,)
     traj = rec.last("_sample_groups")
-    batch = rec.last("_optimize")
+    batch = rec.last("optimize")
     adv, mask = batch["advantages"], batch["loss_mask"]
 
     if name == SUPO:

@@ -14,7 +14,7 @@ from envs import vocab
 from experiments.configs import recipes
 from rl_agents import archer as ar
 from rl_agents.rollout import assemble_trajectory
-from rl_agents.summarization import make_trainer
+from rl_agents.trainer import make_trainer
 from rl_agents.trainer import Trainer
 
 
@@ -205,17 +205,18 @@ def test_critic_td_fits_known_values_on_a_fixed_replay():
     replay = ar.replay_insert(ar.replay_init(rows, 16), rows)
     key = jax.random.PRNGKey(0)
     value = models.init_params(trainer.value_model, key)          # random trunk, zero head
-    carry = (value, trainer.critic_optimizer.init(value), jax.tree.map(jnp.copy, value), replay)
-    trainer.archer = dataclasses.replace(trainer.archer, gamma=gamma)
+    stage = trainer.stage
+    carry = (value, stage.critic_optimizer.init(value), jax.tree.map(jnp.copy, value), replay)
+    stage.archer = dataclasses.replace(stage.archer, gamma=gamma)
 
     @jax.jit
     def fit(carry, key):
-        return jax.lax.scan(trainer.critic_step, carry, jax.random.split(key, 150))
+        return jax.lax.scan(stage.critic_step, carry, jax.random.split(key, 150))
 
     (value, _, target, _), metrics = fit(carry, key)
     loss = np.asarray(metrics["critic/td_loss"])
     assert loss[-10:].mean() < 0.05 * loss[:5].mean(), loss[[0, 4, -10, -1]]
-    v = np.asarray(trainer.critic_turn_values(value, rows["tokens"], rows["valid"],
+    v = np.asarray(stage.critic_turn_values(value, rows["tokens"], rows["valid"],
                                               rows["state_pos"]))
     want = np.stack([r0 + gamma * np.where(two, r1, 0.0), np.where(two, r1, 0.0)], 1)
     got = np.where(tv[:, :2], v[:, :2], 0.0)
@@ -232,7 +233,7 @@ def test_config_validation_names_the_bad_value():
                     (dict(critic_updates=0), "critic_updates=0"),
                     (dict(critic_lr=-1.0), "critic_lr=-1.0")]:
         with pytest.raises(ValueError, match=msg):
-            ar.ArcherTrainer(tiny_config(**kw))
+            make_trainer(tiny_config(**kw))
     with pytest.raises(ValueError, match="whiten=1"):
         ar.archer_config({"archer": {"whiten": 1}}, 4)
     with pytest.raises(ValueError, match="lam=-0.5"):
@@ -241,22 +242,22 @@ def test_config_validation_names_the_bad_value():
     c = tiny_config()
     c.rl.archer.critic_stepz = 3
     with pytest.raises(ValueError, match="critic_stepz"):
-        ar.ArcherTrainer(c)
+        make_trainer(c)
     c = tiny_config()
     c.rl.advantage_kwargs.gamma = 1.5
     with pytest.raises(ValueError, match="gamma=1.5"):
-        ar.ArcherTrainer(c)
-    c = tiny_config()
-    c.rl.algorithm = "ppo"
-    with pytest.raises(ValueError, match="'ppo'"):
-        ar.ArcherTrainer(c)
+        make_trainer(c)
 
 
 def test_make_trainer_dispatch():
-    assert type(make_trainer(tiny_config())) is ar.ArcherTrainer
+    """The algorithm's record names its stage: archer runs ``ArcherStage`` (its own state in
+    ``TrainState.extra``), ppo none."""
+    tr = make_trainer(tiny_config())
+    assert isinstance(tr.stage, ar.ArcherStage)
+    assert isinstance(jax.eval_shape(tr.fresh_state, jax.random.PRNGKey(0)).extra, ar.ArcherExtra)
     c = tiny_config()
     c.rl.algorithm = "ppo"
-    assert type(make_trainer(c)) is Trainer
+    assert make_trainer(c).stage is None
 
 
 def _leaf_diff(a, b):
@@ -272,7 +273,7 @@ def test_update_jitted_no_recompile_params_change_deterministic():
     s0 = trainer.init(jax.random.PRNGKey(0))
     twin = jax.tree.map(jnp.copy, s0)                    # s0's buffers are donated below
     other = jax.tree.map(jnp.copy, s0).replace(key=jax.random.PRNGKey(1))
-    before = jax.tree.map(np.asarray, (s0.params, s0.target_value))
+    before = jax.tree.map(np.asarray, (s0.params, s0.extra.target_value))
     s1, m1 = trainer.update(s0)
     m1 = jax.tree.map(np.asarray, m1)
     p1 = jax.tree.map(np.asarray, s1.params)
@@ -280,11 +281,11 @@ def test_update_jitted_no_recompile_params_change_deterministic():
     s2, m2 = trainer.update(s1)
     jax.block_until_ready(m2)
     assert trainer.update._cache_size() == 1            # second call: no recompilation
-    assert int(s2.step) == 2 and int(s2.replay.size) == 6 and int(s2.replay.ptr) == 2
+    assert int(s2.step) == 2 and int(s2.extra.replay.size) == 6 and int(s2.extra.replay.ptr) == 2
     assert _leaf_diff(before[0]["policy"], s2.params["policy"]) > 0
     assert _leaf_diff(before[0]["value"], s2.params["value"]) > 0
-    assert _leaf_diff(before[1], s2.target_value) > 0
-    assert _leaf_diff(before[0]["value"], s2.target_value) < _leaf_diff(before[0]["value"],
+    assert _leaf_diff(before[1], s2.extra.target_value) > 0
+    assert _leaf_diff(before[0]["value"], s2.extra.target_value) < _leaf_diff(before[0]["value"],
                                                                          s2.params["value"])
     for name in ("critic/td_loss", "loss/policy", "actor/turn_advantage_abs", "replay/size"):
         assert np.isfinite(float(m2[name])), name
@@ -297,9 +298,8 @@ def test_update_jitted_no_recompile_params_change_deterministic():
     assert trainer.update._cache_size() == 1
 
 
-def test_plain_trainer_refuses_archer():
-    """``Trainer`` itself must not silently run turn-GAE PPO for ``rl.algorithm="archer"``."""
+def test_trainer_runs_the_archer_stage_not_turn_gae_ppo():
+    """``Trainer`` itself (no subclass) runs ArCHer's stage for ``rl.algorithm="archer"``."""
     from benchmarks.learning import load_config
-    from rl_agents.trainer import Trainer
-    with pytest.raises(ValueError, match="archer"):
-        Trainer(load_config("maze", "archer"))
+    tr = Trainer(load_config("maze", "archer"))
+    assert isinstance(tr.stage, ar.ArcherStage) and tr.stage.archer.critic_updates == 8

@@ -5,7 +5,7 @@
 * gradients (hidden and unembedding) against the straightforward full-logits JAX version;
 * memory at a 32k vocabulary: XLA's temporary buffers of the loss's gradient stay far below the
   float32 [B,T,V] logits and grow only by O(B·T·D) when T doubles (compile only, nothing runs);
-* the trainer: chunked and full ``Trainer._logprobs`` agree within 1e-5 and match the sampler's
+* the trainer: chunked and full ``Trainer.logprobs`` agree within 1e-5 and match the sampler's
   behaviour log-probs; ``loss_fn`` values and gradients agree.
 """
 import jax
@@ -172,8 +172,8 @@ def test_trainer_chunked_logprobs_match_full_and_sampler(tie):
     params = state.params["policy"]
     traj = jax.jit(lambda p, k: full_tr._sample_groups(p, k, num_groups=2, group_size=2))(
         params, jax.random.PRNGKey(1))
-    lp_f, ent_f = jax.jit(full_tr._logprobs)(params, traj.tokens, traj.valid)
-    lp_c, ent_c = jax.jit(chunk_tr._logprobs)(params, traj.tokens, traj.valid)
+    lp_f, ent_f = jax.jit(full_tr.logprobs)(params, traj.tokens, traj.valid)
+    lp_c, ent_c = jax.jit(chunk_tr.logprobs)(params, traj.tokens, traj.valid)
     m = np.asarray(traj.loss_mask)
     assert m.sum() > 4
     np.testing.assert_allclose(np.asarray(lp_c), np.asarray(lp_f), atol=1e-5)
@@ -186,7 +186,7 @@ def test_trainer_chunked_logprobs_match_full_and_sampler(tie):
     np.testing.assert_allclose(np.asarray(ent_c)[:, 1:], ent_ref[:, :-1], atol=1e-5)
 
     # loss_fn: same loss, metrics and gradients (policy loss + entropy bonus + KL)
-    batch = full_tr._prepare(state, traj, jnp.ones((4,), jnp.float32))
+    batch = full_tr.advantages(state, traj, jnp.ones((4,), jnp.float32))
     assert "ref_logp" in batch
     g_f, met_f = jax.jit(jax.grad(full_tr.loss_fn, has_aux=True))(state.params, batch)
     g_c, met_c = jax.jit(jax.grad(chunk_tr.loss_fn, has_aux=True))(state.params, batch)
@@ -205,4 +205,4 @@ def test_trainer_rejects_bad_chunk():
     params = tr.init_params(jax.random.PRNGKey(0))["policy"]
     tok = jnp.ones((2, 5), jnp.int32)
     with pytest.raises(ValueError, match="logprob_chunk=-1"):
-        tr._logprobs(params, tok, tok > 0)
+        tr.logprobs(params, tok, tok > 0)

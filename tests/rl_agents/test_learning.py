@@ -53,7 +53,7 @@ def test_archer_improves_sampled_success_on_kv_search():
     ``kv_search`` (greedy ≈ 0.95, sampled ≈ 0.3): 20 updates raise the sampled success by
     ≥ 25 points to ≥ 60% (0.3 → 0.8 in the README's comparison run) without greedy success
     falling more than 5 points below the BC start."""
-    from rl_agents.summarization import make_trainer
+    from rl_agents.trainer import make_trainer
     c = load_config("kv_search", "archer")
     c.bc.epsilon = 0.6
     bc, sampled, final = train_from_bc(make_trainer(c), 20)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments.configs.common import make_config
-from experiments.validation import ConfigError, validate_config
+from rl_agents.validation import ConfigError, validate_config
 from rl_agents.trainer import lr_schedule
 
 

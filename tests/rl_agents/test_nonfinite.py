@@ -29,7 +29,7 @@ from experiments.configs.common import make_config
 from experiments.configs import recipes
 from rl_agents import process_rewards as pr
 from rl_agents.nonfinite import all_finite
-from rl_agents.summarization import make_trainer
+from rl_agents.trainer import make_trainer
 from rl_agents.trainer import NONFINITE_STEP, minibatch_epochs
 
 GOOD = 2      # clean updates before the NaN rewards start (host-loop tests)
@@ -137,7 +137,7 @@ def test_prm_step_skipped_on_nan():
 # ----------------------------------------------------------------------------- the jitted update
 TRAINED = {"ppo": ("params", "opt_state"),
            "supo": ("params", "opt_state"),
-           "archer": ("params", "opt_state", "critic_opt_state", "target_value", "replay")}
+           "archer": ("params", "opt_state", "extra")}
 
 
 @pytest.mark.parametrize("name", ["ppo", "archer", "supo"])

@@ -1,7 +1,7 @@
 """The estimator × option matrix of docs/algorithms.md ("What each option changes").
 
 For every allowed combination the option changes the advantages the estimator produces through
-the trainer's own ``_reward_transform`` and ``_prepare`` (one sampled rollout, every registered
+the trainer's own ``score`` and ``advantages`` stages (one sampled rollout, every registered
 estimator, one jit per option); ArCHer's turn rewards R_k likewise. Every refused combination
 is refused by ``check_config`` with one line naming the field, and by the trainer constructor.
 """
@@ -17,8 +17,8 @@ import pytest
 
 from experiments.run import ConfigError, check_config
 from rl_agents.advantages import ADVANTAGE_ESTIMATORS
-from rl_agents.archer import ArcherTrainer
-from rl_agents.summarization import make_trainer
+from rl_agents.archer import turn_rewards
+from rl_agents.trainer import make_trainer
 from tests.rl_agents import probes
 
 ESTIMATORS = sorted(ADVANTAGE_ESTIMATORS)
@@ -55,7 +55,7 @@ def rollout():
 def runner(option):
     """(jitted run(state, traj), state) for the config of ``option``: run gives
     {estimator: advantages [B,T], "archer": R_k [B,K]} through the trainer's own
-    ``_reward_transform`` and ``_prepare`` with each registered estimator in turn."""
+    ``score`` and ``advantages`` stages with each registered estimator in turn."""
     c = base_config()
     OPTIONS[option](c)
     tr = make_trainer(c)
@@ -66,15 +66,15 @@ def runner(option):
 
     def run(state, traj):
         weight = jnp.ones(traj.success.shape, jnp.float32)
-        t2, _, _ = tr._reward_transform(state, traj, weight)
+        t2, _, _ = tr.score(state, traj, weight)
         out = {}
         for name in ESTIMATORS:
-            tr.algorithm = dataclasses.replace(base_algorithm, advantage=name)
-            out[name] = tr._prepare(state, t2, weight)["advantages"]
+            tr.algorithm = dataclasses.replace(base_algorithm, estimator=name)
+            out[name] = tr.advantages(state, t2, weight)["advantages"]
         tr.algorithm = base_algorithm
-        ref_logp = (tr._logprobs(state.ref_params, t2.tokens, t2.valid)[0]
+        ref_logp = (tr.logprobs(state.ref_params, t2.tokens, t2.valid)[0]
                     if c.rl.kl_coef > 0 else None)
-        out["archer"] = ArcherTrainer._turn_rewards(tr, t2, ref_logp)
+        out["archer"] = turn_rewards(tr, t2, ref_logp)
         return out
 
     return jax.jit(run), state

@@ -9,8 +9,9 @@ import envs
 from envs import vocab
 from rl_agents import losses
 from rl_agents.sampling import SamplingConfig
-from rl_agents.summarization import (SupoConfig, SupoTrainer, collect_supo_demos, demo_rows,
-                                     make_trainer, oracle_summary, prepare_supo_batch,
+from rl_agents.trainer import make_trainer
+from rl_agents.summarization import (SupoConfig, SupoContext, collect_supo_demos, demo_rows,
+                                     oracle_summary, prepare_supo_batch,
                                      render_supo_trajectory, segment_rows, supo_oracle_policy,
                                      supo_rollout, supo_run_episodes)
 
@@ -169,9 +170,9 @@ def test_oracle_rollout_matches_python_reference(env, oracle_run):
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_rollout(env):
-    """A random tiny model sampled (τ = 0.8) through ``SupoTrainer.evaluate``: training cap 1,
+    """A random tiny model sampled (τ = 0.8) through ``Trainer.evaluate`` (SUPO context): training cap 1,
     eval cap 3 summaries, L = 40."""
-    trainer = SupoTrainer(supo_config(max_summaries=1, max_summaries_eval=3))
+    trainer = make_trainer(supo_config(max_summaries=1, max_summaries_eval=3))
     params = trainer.init_params(jax.random.PRNGKey(0))["policy"]
     metrics, traj = trainer.evaluate(params, jax.random.PRNGKey(1), episodes=8, greedy=False)
     return trainer, params, metrics, traj
@@ -179,7 +180,7 @@ def model_rollout(env):
 
 def test_model_rollout_layout_and_masks(env, model_rollout):
     trainer, _, _, traj = model_rollout
-    cfg = trainer.supo_eval
+    cfg = trainer.context.supo_eval
     b, S, L = 8, cfg.num_segments, cfg.working_len
     assert traj.tokens.shape == (b, S * L) and traj.segment_valid.shape == (b, S)
     tok = np.asarray(traj.tokens).reshape(b, S, L)
@@ -292,9 +293,9 @@ def test_group_advantage_broadcast_and_overlong_masking(env, oracle_run):
 # ------------------------------------------------------------------------------------------
 def test_eval_allows_more_summaries_than_training(model_rollout):
     trainer, _, metrics, traj = model_rollout
-    assert trainer.supo.max_summaries == 1 and trainer.supo_eval.max_summaries == 3
+    assert trainer.context.supo.max_summaries == 1 and trainer.context.supo_eval.max_summaries == 3
     assert traj.segment_valid.shape == (8, 4) and traj.tokens.shape == (8, 4 * 40)
-    assert int(np.asarray(traj.num_summaries).max()) > trainer.supo.max_summaries
+    assert int(np.asarray(traj.num_summaries).max()) > trainer.context.supo.max_summaries
     assert float(metrics["eval/summaries"]) == pytest.approx(float(traj.num_summaries.mean()))
     assert np.isfinite(float(metrics["eval/success_rate"]))
 
@@ -303,7 +304,7 @@ def test_eval_allows_more_summaries_than_training(model_rollout):
 def test_trainer_update(env):
     """BC warm start on oracle segments, one PPO update over segment rows, eval."""
     trainer = make_trainer(supo_config())
-    assert isinstance(trainer, SupoTrainer) and trainer.batch_size == 4 * 2
+    assert isinstance(trainer.context, SupoContext) and trainer.batch_size == 4 * 2
     state = trainer.init(jax.random.PRNGKey(0))
     state, metrics = trainer.update(state)
     for k in ("loss", "rollout/success_rate", "rollout/summaries", "rollout/hit_summary_cap",
@@ -336,7 +337,7 @@ def test_clear_errors(env, oracle_traj):
     with pytest.raises(ValueError, match="ppo"):
         c = supo_config()
         c.rl.algorithm = "ppo"
-        SupoTrainer(c)
+        make_trainer(c)
     with pytest.raises(ValueError, match="pad_to=10"):
         demo_rows(oracle_traj, pad_to=10)
     rows = demo_rows(oracle_traj, pad_to=48)                       # 8 episodes × 4 segments

@@ -1,13 +1,17 @@
 """Config validation before anything is compiled: one clear line per mistake.
 
-``validate_config(config, num_devices, registered_envs=...)`` runs :data:`CHECKS` in order and
-raises :class:`ConfigError` (a ``ValueError``) naming the field and its value for the first
-failing check, e.g.::
+``check_config(config, num_devices)`` is the one start-up check (``experiments.train`` and
+``rl_agents.make_trainer`` run it): :func:`validate_config` (the structural :data:`CHECKS`:
+sizes, mesh = device count, divisibility, dtypes, optimizer) and then the registries (algorithm,
+policy loss, aggregation, KL estimator, estimator hyper-parameters, env knobs, option
+combinations, BC). The first problem raises :class:`ConfigError` (a ``ValueError``) naming the
+field and its value, e.g.::
 
     config.mesh: data*fsdp*tensor = 2*2*1 = 4 but 8 devices are visible
 
-Each check is a small function ``check(config, ctx) -> str | None`` (the error line or None).
-Fields missing from the config are reported for the required keys and skipped otherwise.
+Each structural check is a small function ``check(config, ctx) -> str | None`` (the error line
+or None). Fields missing from the config are reported for the required keys and skipped
+otherwise.
 """
 from __future__ import annotations
 
@@ -15,15 +19,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-__all__ = ["ConfigError", "validate_config", "CHECKS", "GROUP_RELATIVE", "DTYPES", "batch_size"]
+__all__ = ["ConfigError", "check_config", "validate_config", "CHECKS", "DTYPES", "LR_DECAYS",
+           "batch_size"]
 
 
 class ConfigError(ValueError):
     """An invalid experiment config (the message is one line naming field and value)."""
 
 
-#: Advantage estimators that normalise within a group of rollouts of the same task instance.
-GROUP_RELATIVE = frozenset({"grpo", "dr_grpo", "rloo", "gigpo", "reinforce_pp_baseline", "dapo"})
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 #: ``config.optim.decay`` values (read by ``rl_agents.trainer.lr_schedule``).
@@ -127,19 +130,13 @@ def check_batch_divisible(config, ctx):
     return None
 
 
-def _advantage_name(config):
-    for f in ("rl.advantage", "rl.algorithm"):
-        v = _get(config, f)
-        if v is not _MISSING and v is not None:
-            return f, str(v)
-    return None, None
-
-
 def check_group_size(config, ctx):
-    field, adv = _advantage_name(config)
-    g = _get(config, "rollout.group_size")
-    if adv in GROUP_RELATIVE and g is not _MISSING and int(g) < 2:
-        return (f"config.rollout.group_size = {g} but {field} = {adv!r} is group-relative and "
+    from rl_agents.algorithms import ALGORITHMS
+
+    name, g = _get(config, "rl.algorithm"), _get(config, "rollout.group_size")
+    algo = ALGORITHMS.get(name) if isinstance(name, str) else None
+    if algo is not None and algo.group_relative and g is not _MISSING and int(g) < 2:
+        return (f"config.rollout.group_size = {g} but rl.algorithm = {name!r} is group-relative and "
                 f"needs group_size >= 2")
     return None
 
@@ -246,3 +243,67 @@ def validate_config(config: Any, num_devices: int, registered_envs: Sequence[str
         msg = check(config, ctx)
         if msg is not None:
             raise ConfigError(msg)
+
+
+def check_config(config, num_devices: int | None = None) -> None:
+    """Everything that can be checked without compiling; raises :class:`ConfigError` (one line
+    naming the field) for the first problem. ``num_devices``: ``jax.device_count()`` if None."""
+    import jax
+
+    import envs
+    from rl_agents import losses
+    from rl_agents.advantages import estimator_hparams
+    from rl_agents.algorithms import get_algorithm, unsupported_option
+    from rl_agents.bc import BC_DECAYS
+
+    validate_config(config, jax.device_count() if num_devices is None else num_devices,
+                    registered_envs=envs.registered())
+    rl = config.rl
+    try:
+        algorithm = get_algorithm(rl.algorithm)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    unsupported = unsupported_option(config)
+    if unsupported is not None:
+        raise ConfigError(unsupported)
+    if rl.get("policy_loss", "ppo") not in losses.POLICY_LOSSES:
+        raise ConfigError(f"config.rl.policy_loss = {rl.policy_loss!r} is not one of "
+                          f"{sorted(losses.POLICY_LOSSES)}")
+    if rl.agg not in losses.AGGREGATIONS:
+        raise ConfigError(f"config.rl.agg = {rl.agg!r} is not one of {sorted(losses.AGGREGATIONS)}")
+    if rl.kl_kind not in losses.KL_ESTIMATORS:
+        raise ConfigError(f"config.rl.kl_kind = {rl.kl_kind!r} is not one of "
+                          f"{sorted(losses.KL_ESTIMATORS)}")
+    for f in ("kl_coef", "entropy_coef", "value_coef", "value_clip", "dual_clip", "eps_low",
+              "eps_high", "target_kl"):
+        if float(rl.get(f, 0.0)) < 0:
+            raise ConfigError(f"config.rl.{f} must be >= 0, got {rl[f]!r}")
+    if rl.dual_clip and float(rl.dual_clip) <= 1.0:
+        raise ConfigError(f"config.rl.dual_clip = {rl.dual_clip!r}: dual-clip needs c > 1 (0: off)")
+    if int(rl.overlong_cache_len) < 0:
+        raise ConfigError(f"config.rl.overlong_cache_len must be >= 0, got {rl.overlong_cache_len!r}")
+    if algorithm.dynamic_sampling and float(rl.oversample) < 1.0:
+        raise ConfigError(f"config.rl.oversample = {rl.oversample!r} must be >= 1 (dynamic sampling)")
+    allowed = estimator_hparams(algorithm.estimator)
+    unknown = sorted(set(rl.advantage_kwargs.keys()) - set(allowed))
+    if unknown:
+        raise ConfigError(f"config.rl.advantage_kwargs.{unknown[0]} is not a hyper-parameter of the "
+                          f"{algorithm.estimator!r} advantage ({rl.algorithm}); it takes {sorted(allowed)}")
+    try:
+        envs.make(config.env.name, **dict(config.env.kwargs))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.env.kwargs: {' '.join(str(e).split())}") from None
+    bc = config.bc
+    if int(bc.episodes) < 0:
+        raise ConfigError(f"config.bc.episodes must be >= 0, got {bc.episodes!r}")
+    if int(bc.episodes) > 0:
+        if int(bc.batch_size) < 1 or int(bc.epochs) < 1:
+            raise ConfigError(f"config.bc.batch_size and config.bc.epochs must be >= 1, got "
+                              f"{bc.batch_size!r}, {bc.epochs!r}")
+        if int(bc.batch_size) > int(bc.episodes):
+            raise ConfigError(f"config.bc.batch_size = {bc.batch_size} exceeds config.bc.episodes = "
+                              f"{bc.episodes} (no full SFT batch)")
+        if not 0.0 <= float(bc.epsilon) <= 1.0:
+            raise ConfigError(f"config.bc.epsilon must be in [0, 1], got {bc.epsilon!r}")
+        if bc.get("decay", "constant") not in BC_DECAYS:
+            raise ConfigError(f"config.bc.decay = {bc.decay!r} is not one of {', '.join(BC_DECAYS)}")

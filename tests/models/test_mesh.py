@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from experiments.mesh import (data_sharding, fit_spec_to_shape, make_mesh, mesh_shape,
-                              param_shardings, param_shardings_from_logical, replicated, shard_params)
+from models.sharding import (data_sharding, fit_spec, make_mesh, mesh_shape, spec_shardings,
+                             param_shardings_from_logical, replicated, shard_params)
 
 RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
          ("kv_heads", "tensor"), ("vocab", "tensor"), ("head_dim", None), ("layers", None))
@@ -63,11 +63,11 @@ def test_logical_to_mesh_shardings():
 
 def test_non_divisible_dims_are_replicated():
     mesh = make_mesh((1, 2, 4))
-    assert fit_spec_to_shape(P("fsdp", "tensor"), (6, 16), mesh) == P("fsdp", "tensor")
-    assert fit_spec_to_shape(P("fsdp", "tensor"), (6, 10), mesh) == P("fsdp")
-    assert fit_spec_to_shape(P("fsdp", "tensor"), (5, 10), mesh) == P()
-    assert fit_spec_to_shape(P(("fsdp", "tensor")), (12,), mesh) == P()          # 12 % 8 != 0
-    assert fit_spec_to_shape(P(("fsdp", "tensor")), (16,), mesh) == P(("fsdp", "tensor"))
+    assert fit_spec(P("fsdp", "tensor"), (6, 16), mesh) == P("fsdp", "tensor")
+    assert fit_spec(P("fsdp", "tensor"), (6, 10), mesh) == P("fsdp")
+    assert fit_spec(P("fsdp", "tensor"), (5, 10), mesh) == P()
+    assert fit_spec(P(("fsdp", "tensor")), (12,), mesh) == P()          # 12 % 8 != 0
+    assert fit_spec(P(("fsdp", "tensor")), (16,), mesh) == P(("fsdp", "tensor"))
     shapes = {"w1": jax.ShapeDtypeStruct((5, 6), jnp.float32),      # 5 % 2, 6 % 4: both replicated
               "b1": jax.ShapeDtypeStruct((6,), jnp.float32),        # 6 % 4 != 0
               "w2": jax.ShapeDtypeStruct((16, 5), jnp.float32),     # only dim 0 kept
@@ -83,7 +83,7 @@ def test_non_divisible_dims_are_replicated():
         jax.device_put(x, NamedSharding(mesh, P("fsdp", "tensor")))
     y = shard_params({"w": x}, {"w": P("fsdp", "tensor")}, mesh)
     np.testing.assert_array_equal(y["w"], x)
-    assert param_shardings({"w": P("fsdp")}, mesh)["w"].spec == P("fsdp")
+    assert spec_shardings({"w": P("fsdp")}, mesh)["w"].spec == P("fsdp")
 
 
 def _init_params():
