@@ -14,10 +14,10 @@ import inspect
 
 from envs.base import Env, TimeStep
 
-__all__ = ["Env", "TimeStep", "make", "registered", "env_class"]
+__all__ = ["Env", "TimeStep", "make", "registered", "env_class", "register"]
 
-# name -> (module, class name)
-_REGISTRY: dict[str, tuple[str, str]] = {
+# name -> (module, class name), or the class itself for envs added with ``register``
+_REGISTRY: dict[str, tuple[str, str] | type] = {
     "guess_number": ("envs.tasks.guess_number", "GuessNumberEnv"),
     "kv_search": ("envs.tasks.kv_search", "KvSearchEnv"),
     "calculator": ("envs.tasks.calculator", "CalculatorEnv"),
@@ -37,8 +37,21 @@ def env_class(name: str) -> type[Env]:
     """The Env subclass registered under ``name`` (imports its module on first use)."""
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown env name {name!r}; registered: {', '.join(_REGISTRY)}")
-    module, cls = _REGISTRY[name]
+    entry = _REGISTRY[name]
+    if isinstance(entry, type):
+        return entry
+    module, cls = entry
     return getattr(importlib.import_module(module), cls)
+
+
+def register(name: str, cls: type[Env]) -> None:
+    """Add env class ``cls`` under ``name`` (then ``envs.make(name, **knobs)`` and
+    ``config.env.name = name`` work). A name already taken raises ValueError."""
+    if name in _REGISTRY:
+        raise ValueError(f"env {name!r} is already registered")
+    if not (isinstance(cls, type) and issubclass(cls, Env)):
+        raise ValueError(f"env {name!r}: expected a subclass of envs.Env, got {cls!r}")
+    _REGISTRY[name] = cls
 
 
 def make(name: str, **kwargs) -> Env:

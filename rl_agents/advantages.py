@@ -340,7 +340,9 @@ def bilevel_gae(x: AdvantageInputs, *, gamma_turn: float = 0.95, lam_turn: float
 # ============================================================================================
 # Critic-free estimators
 # ============================================================================================
-def _outcome(x: AdvantageInputs, a_seq):
+def outcome_advantages(x: AdvantageInputs, a_seq):
+    """An episode-level advantage ``a_seq`` [B] on every agent token of its row:
+    ``(advantages [B,T], returns [B,T])`` (returns = advantages), 0 off the agent tokens."""
     m = jnp.asarray(x.loss_mask, bool)
     adv = jnp.where(m, a_seq[:, None], 0.0)
     return _finish(adv, adv, m)
@@ -356,20 +358,20 @@ def grpo(x: AdvantageInputs, *, eps: float = 1e-6, unbiased: bool = True):
     _check_bool("unbiased", unbiased)
     a = group_normalize(x.episode_return, _same_group(x.group_ids), norm="std", eps=eps,
                         unbiased=unbiased)
-    return _outcome(x, a)
+    return outcome_advantages(x, a)
 
 
 def dr_grpo(x: AdvantageInputs):
     """Dr. GRPO: A_i = r_i − mean_G r (no std), on agent tokens. Pair it with the
     ``seq-mean-token-sum-norm`` loss aggregation."""
     a = group_normalize(x.episode_return, _same_group(x.group_ids), norm="mean")
-    return _outcome(x, a)
+    return outcome_advantages(x, a)
 
 
 def rloo(x: AdvantageInputs):
     """RLOO: A_i = r_i − mean_{j≠i in G} r_j, on agent tokens; groups of size 1 get 0."""
     a = rloo_baseline_advantage(x.episode_return, _same_group(x.group_ids))
-    return _outcome(x, a)
+    return outcome_advantages(x, a)
 
 
 def reinforce_pp(x: AdvantageInputs, *, gamma: float = 1.0, eps: float = 1e-8):
@@ -451,7 +453,20 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable] = {
     "gigpo": gigpo,
 }
 
-_CRITIC = frozenset({"gae", "turn_gae", "bilevel_gae"})
+_CRITIC = {"gae", "turn_gae", "bilevel_gae"}
+
+
+def register_estimator(name: str, fn: Callable, *, critic: bool = False) -> None:
+    """Add estimator ``fn(inputs: AdvantageInputs, **hparams) -> (advantages, returns)`` under
+    ``name`` (its keyword-only parameters are its hyper-parameters, ``rl.advantage_kwargs``);
+    ``critic``: it reads ``inputs.values``. A name already registered raises ValueError."""
+    if name in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage estimator {name!r} is already registered")
+    if not callable(fn):
+        raise ValueError(f"estimator {name!r} must be callable, got {fn!r}")
+    ADVANTAGE_ESTIMATORS[name] = fn
+    if critic:
+        _CRITIC.add(name)
 
 
 def _check_name(name: str) -> Callable:

@@ -111,8 +111,28 @@ _REGISTRY = (
 )
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in _REGISTRY}
-#: Names of the group-relative algorithms (``rollout.group_size`` >= 2).
-GROUP_RELATIVE = frozenset(a.name for a in _REGISTRY if a.group_relative)
+
+
+def register(algorithm: Algorithm) -> Algorithm:
+    """Add ``algorithm`` to ``ALGORITHMS`` (then ``config.rl.algorithm = algorithm.name`` and
+    ``recipe(env, algorithm.name)`` work). Its estimator and policy loss must be registered;
+    a name already taken raises ValueError."""
+    from rl_agents.advantages import ADVANTAGE_ESTIMATORS, needs_critic
+    from rl_agents.losses import POLICY_LOSSES
+
+    if algorithm.name in ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm.name!r} is already registered")
+    if algorithm.estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"algorithm {algorithm.name!r}: estimator {algorithm.estimator!r} is not "
+                         f"registered (rl_agents.advantages.register_estimator)")
+    if algorithm.policy_loss not in POLICY_LOSSES:
+        raise ValueError(f"algorithm {algorithm.name!r}: policy loss {algorithm.policy_loss!r} is "
+                         f"not one of {sorted(POLICY_LOSSES)}")
+    if needs_critic(algorithm.estimator) and not algorithm.critic:
+        raise ValueError(f"algorithm {algorithm.name!r}: estimator {algorithm.estimator!r} reads "
+                         f"critic values; set critic=True")
+    ALGORITHMS[algorithm.name] = algorithm
+    return algorithm
 
 
 def _get(node, dotted: str, default=None):

@@ -58,10 +58,13 @@ def select_informative_groups(group_success: jax.Array, n_keep: int):
     than ``n_keep`` exist the remaining slots are filled with uninformative groups (original
     order) whose ``keep_mask`` is False, so the caller masks them out of the loss.
     """
-    s = jnp.asarray(group_success)
-    info = informative_groups(s)
-    if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 1 <= n_keep <= s.shape[0]:
-        raise ValueError(f"n_keep={n_keep!r} must be an int in [1, N_groups={s.shape[0]}]")
+    return _keep_first(informative_groups(group_success), n_keep)
+
+
+def _keep_first(info: jax.Array, n_keep: int):
+    """The ``n_keep`` first groups with the informative ones (``info``) in front, stable."""
+    if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 1 <= n_keep <= info.shape[0]:
+        raise ValueError(f"n_keep={n_keep!r} must be an int in [1, N_groups={info.shape[0]}]")
     order = jnp.argsort(~info, stable=True)[:n_keep].astype(jnp.int32)
     return order, info[order]
 
@@ -86,11 +89,11 @@ def dynamic_sampling(traj: Any, n_keep: int, group_size: int):
     """
     success = jnp.asarray(traj.success, bool)
     n_total = success.shape[0] // group_size
-    groups = success.reshape(n_total, group_size)
-    idx, keep = select_informative_groups(groups, n_keep)
+    info = informative_groups(success.reshape(n_total, group_size))
+    idx, keep = _keep_first(info, n_keep)
     out = gather_groups(traj, idx, group_size)
     out = out.replace(group_ids=jnp.repeat(jnp.arange(n_keep, dtype=jnp.int32), group_size))
-    metrics = {"dapo/kept_fraction": informative_groups(groups).mean(dtype=jnp.float32)}
+    metrics = {"dapo/kept_fraction": info.mean(dtype=jnp.float32)}
     return out, jnp.repeat(keep, group_size).astype(jnp.float32), metrics
 
 

@@ -292,12 +292,14 @@ class Trainer:
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sh), tree)
 
     def _new_state(self, params, ref, key, extras) -> TrainState:
-        state = TrainState(params=params, opt_state=self.optimizer.init(params), ref_params=ref,
-                           key=key, step=jnp.zeros((), jnp.int32), **extras)
-        if self.stage is not None:
+        """The state around fresh ``params``: optimizer state (the stage's, which may train a
+        part of the params itself, with its extra state), reward extras, step 0."""
+        if self.stage is None:
+            opt_state, extra = self.optimizer.init(params), None
+        else:
             opt_state, extra = self.stage.init(self, params)
-            state = state.replace(opt_state=opt_state, extra=extra)
-        return state
+        return TrainState(params=params, opt_state=opt_state, ref_params=ref, key=key,
+                          step=jnp.zeros((), jnp.int32), extra=extra, **extras)
 
     def fresh_state(self, key) -> TrainState:
         """A state without the BC warm start (same structure as ``init``'s)."""
