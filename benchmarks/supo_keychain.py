@@ -199,7 +199,8 @@ def rl_phase(args, env, params, key, working_len):
     trainer = make_trainer(c)
     state = trainer.fresh_state(key)
     policy = jax.tree.map(jnp.copy, params)      # the update donates its state; keep the BC params
-    state = state.replace(params={"policy": policy}, ref_params=jax.tree.map(jnp.copy, policy),
+    ref = None if state.ref_params is None else jax.tree.map(jnp.copy, policy)
+    state = state.replace(params={"policy": policy}, ref_params=ref,
                           opt_state=trainer.optimizer.init({"policy": policy}))
     for i in range(args.rl_updates):
         state, m = trainer.update(state)

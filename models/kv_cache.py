@@ -93,37 +93,46 @@ def default_kv_block() -> int:
     return KV_BLOCK.get(jax.default_backend(), 0)
 
 
-def _apply(model, params, tokens, cache: KVCache, valid):
+def _apply(model, params, tokens, cache: KVCache, valid, head_at=None):
     """model.apply on a chunk with the cache, attention over the bucket covering max(lengths);
     the chunk's K/V are written to the cache here (``write=False`` in the model call)."""
     buckets = kv_buckets(cache.max_len, default_kv_block())
     if len(buckets) == 1:
         out, (k_chunk, v_chunk) = model.apply({"params": params}, tokens, cache=cache,
-                                              valid=valid, write=False)
+                                              valid=valid, write=False, head_at=head_at)
         return out, write_chunk(cache, k_chunk, v_chunk, valid)
     need = jnp.max(cache.lengths)
     idx = jnp.minimum(jnp.searchsorted(jnp.asarray(buckets, jnp.int32), need, side="left"),
                       len(buckets) - 1)
     # branches return only the chunk's K/V (a full-cache output would be copied out of the
     # conditional every step); the chunk is stored once, after the switch
-    branches = [lambda p, t, c, v, s=s: model.apply({"params": p}, t, cache=c, valid=v, kv_len=s,
-                                                    write=False)
+    branches = [lambda p, t, c, v, h, s=s: model.apply({"params": p}, t, cache=c, valid=v,
+                                                       kv_len=s, write=False, head_at=h)
                 for s in buckets]
-    out, (k_chunk, v_chunk) = jax.lax.switch(idx, branches, params, tokens, cache, valid)
+    out, (k_chunk, v_chunk) = jax.lax.switch(idx, branches, params, tokens, cache, valid, head_at)
     return out, write_chunk(cache, k_chunk, v_chunk, valid)
 
 
-def prefill(model, params, tokens, cache: KVCache, valid=None):
+def prefill(model, params, tokens, cache: KVCache, valid=None, last_only: bool = False):
     """Append a chunk: tokens int32 [B, C], valid bool [B, C] (a prefix of each row; default all
     True). Returns (out [B, C, ...], new cache); out is logits for PolicyModel, values for
-    ValueModel (entries at invalid positions are garbage)."""
+    ValueModel (entries at invalid positions are garbage).
+
+    ``last_only``: out is [B, ...], each row's output at its last valid position (position
+    sum(valid) − 1; garbage for a row with no valid token), and the head runs on those B
+    positions only, so a policy never builds [B, C, V] logits."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"prefill: tokens must be [B, C], got shape {tokens.shape}")
     if valid is not None and tuple(jnp.shape(valid)) != tuple(tokens.shape):
         raise ValueError(f"prefill: valid shape {tuple(jnp.shape(valid))} != tokens shape "
                          f"{tuple(tokens.shape)}")
-    return _apply(model, params, tokens, cache, valid)
+    head_at = None
+    if last_only:
+        n = (jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32) if valid is None
+             else jnp.asarray(valid).astype(jnp.int32).sum(-1))
+        head_at = jnp.maximum(n - 1, 0)
+    return _apply(model, params, tokens, cache, valid, head_at)
 
 
 def decode_step(model, params, token, cache: KVCache, valid=None):

@@ -127,7 +127,9 @@ def _prepare(cfg: ModelConfig, tokens, positions, segment_ids, cache, valid):
 class _Headed(nn.Module):
     """Shared call logic: trunk → head; with a cache returns (out, new cache), or with
     ``write=False`` (out, (k_chunk, v_chunk)) for the caller to store; ``kv_len`` (static) limits
-    the attention to cache slots [0, kv_len) (exact when kv_len >= max(cache.lengths))."""
+    the attention to cache slots [0, kv_len) (exact when kv_len >= max(cache.lengths));
+    ``head_at`` (int32 [B]) applies the head at one position per row only: out [B, ...] (a
+    policy's [B, V] logits without the [B, T, V] buffer)."""
     cfg: ModelConfig
 
     def head(self, trunk: Trunk, x):
@@ -135,7 +137,7 @@ class _Headed(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 valid=None, kv_len: int | None = None, write: bool = True):
+                 valid=None, kv_len: int | None = None, write: bool = True, head_at=None):
         tokens, positions, seg = _prepare(self.cfg, tokens, positions, segment_ids, cache, valid)
         if kv_len is not None and (cache is None or isinstance(kv_len, bool)
                                    or not isinstance(kv_len, int)
@@ -144,7 +146,11 @@ class _Headed(nn.Module):
                              f"[1, max_len={None if cache is None else cache.max_len}]")
         trunk = Trunk(self.cfg, name="model")
         x, new_kv = trunk(tokens, positions, seg, cache, kv_len)
-        out = self.head(trunk, x)
+        if head_at is not None:
+            x = jnp.take_along_axis(x, jnp.asarray(head_at, jnp.int32)[:, None, None], axis=1)
+            out = self.head(trunk, x)[:, 0]
+        else:
+            out = self.head(trunk, x)
         if cache is None:
             return out
         if not write:       # the caller stores the chunk: (out, (k_chunk, v_chunk) [L,B,C,Hkv,D])

@@ -77,15 +77,6 @@ class TurnPolicy(NamedTuple):
     observe: Callable[[Any, jax.Array, jax.Array], Any]               # (pstate, obs, valid) -> pstate
 
 
-def _last_valid(values: jax.Array, valid: jax.Array, fallback: jax.Array) -> jax.Array:
-    """values [B,C,...] at each row's last valid position; ``fallback`` where a row has none."""
-    n = valid.sum(-1)
-    idx = jnp.maximum(n - 1, 0)
-    picked = jnp.take_along_axis(values, idx.reshape((-1, 1) + (1,) * (values.ndim - 2)), axis=1)[:, 0]
-    keep = (n > 0).reshape((-1,) + (1,) * (picked.ndim - 1))
-    return jnp.where(keep, picked, fallback)
-
-
 def generate(model, params, sampling: SamplingConfig, cache, logits, rows, key, n: int):
     """Sample up to ``n`` tokens per row of ``rows`` from ``logits`` onward, one ``decode_step``
     of the whole batch per token, each row stopping after its ``<eos>`` (or a sampled ``<pad>``,
@@ -117,8 +108,8 @@ def model_policy(model: models.PolicyModel, params: Any, env: Env, sampling: Sam
         # the barrier stops XLA from constant-folding attention over the all-zero cache at
         # compile time (seconds per layer on CPU)
         cache = jax.lax.optimization_barrier(models.init_cache(model.cfg, prompt.shape[0], max_len))
-        logits, cache = models.prefill(model, params, prompt, cache, valid=valid)
-        return cache, _last_valid(logits, valid, jnp.zeros(logits.shape[::2], logits.dtype))
+        logits, cache = models.prefill(model, params, prompt, cache, valid=valid, last_only=True)
+        return cache, jnp.where(valid.any(-1)[:, None], logits, 0.0)
 
     def act(pstate, env_states, active, key):
         del env_states
@@ -129,8 +120,8 @@ def model_policy(model: models.PolicyModel, params: Any, env: Env, sampling: Sam
 
     def observe(pstate, obs, valid):
         cache, logits = pstate
-        new_logits, cache = models.prefill(model, params, obs, cache, valid=valid)
-        return cache, _last_valid(new_logits, valid, logits)
+        new_logits, cache = models.prefill(model, params, obs, cache, valid=valid, last_only=True)
+        return cache, jnp.where(valid.any(-1)[:, None], new_logits, logits)
 
     return TurnPolicy(init, act, observe)
 

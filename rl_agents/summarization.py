@@ -185,13 +185,6 @@ def _with_lengths(cache, lengths):
     return dataclasses.replace(cache, lengths=lengths)
 
 
-def _last_valid(values, valid, fallback):
-    n = valid.sum(-1)
-    idx = jnp.maximum(n - 1, 0)
-    picked = jnp.take_along_axis(values, idx[:, None, None], axis=1)[:, 0]
-    return jnp.where((n > 0)[:, None], picked, fallback)
-
-
 def supo_model_policy(model, params, env: Env, sampling: SamplingConfig, cfg: SupoConfig) -> SupoPolicy:
     """The LM policy: ``model_policy``'s KV-cached turns, plus ``<summarize>`` → sampled summary
     and the cache reset (lengths → 0 for the summarising rows, then one prefill of the chunk)."""
@@ -210,8 +203,9 @@ def supo_model_policy(model, params, env: Env, sampling: SamplingConfig, cfg: Su
     def reset(pstate, rows, chunk, chunk_valid):
         cache, logits = pstate
         cache = _with_lengths(cache, jnp.where(rows, 0, cache.lengths).astype(cache.lengths.dtype))
-        new_logits, cache = models.prefill(model, params, chunk, cache, valid=chunk_valid)
-        return cache, _last_valid(new_logits, chunk_valid, logits)
+        new_logits, cache = models.prefill(model, params, chunk, cache, valid=chunk_valid,
+                                           last_only=True)
+        return cache, jnp.where(chunk_valid.any(-1)[:, None], new_logits, logits)
 
     return SupoPolicy(base.init, base.act, base.observe, summarize, reset)
 

@@ -67,7 +67,8 @@ from rl_agents.validation import LR_DECAYS
 class TrainState:
     params: Any            # {"policy": ..., "value": ...} ("value" only with a critic)
     opt_state: Any
-    ref_params: Any        # frozen reference policy (the initial / BC policy) for the KL term
+    ref_params: Any        # frozen reference policy (the initial / BC policy) for the KL term and
+    #                        PRIME; None when neither is on (``Trainer.keeps_reference``)
     key: jax.Array
     step: jax.Array        # int32 []: updates done
     reward_params: Any = None  # frozen learned RM (config.reward.source == "learned"), else None
@@ -277,7 +278,8 @@ class Trainer:
                 nn.get_partition_spec(boxed_prm_opt), self.mesh, rules,
                 shapes=nn.meta.unbox(boxed_prm_opt))
             extras["prm"] = {"params": param_sh["policy"], "opt_state": prm_opt_sh}
-        state = TrainState(params=param_sh, opt_state=opt_sh, ref_params=param_sh["policy"],
+        state = TrainState(params=param_sh, opt_state=opt_sh,
+                           ref_params=param_sh["policy"] if self.keeps_reference else None,
                            key=rep, step=rep, **extras)
         if self.stage is not None:
             opt_sh, extra_sh = self.stage.shardings(self, boxed)
@@ -305,21 +307,30 @@ class Trainer:
         """A state without the BC warm start (same structure as ``init``'s)."""
         k_init, k_state = jax.random.split(key)
         params = self.init_params(k_init)
-        ref = jax.tree.map(jnp.copy, params["policy"])   # own buffers: the update donates params
-        return self._new_state(params, ref, k_state,
-                               self._reward_extras(key, ref, train_rm=False))
+        return self._new_state(params, self._reference(params), k_state,
+                               self._reward_extras(key, params["policy"], train_rm=False))
 
-    def _reward_extras(self, key, ref, *, train_rm: bool, verbose: bool = False) -> dict:
+    @property
+    def keeps_reference(self) -> bool:
+        """Whether the state holds a frozen reference policy: only a KL term (``rl.kl_coef`` >
+        0) or PRIME reads one, so without them no copy of the policy is kept."""
+        return self.config.rl.kl_coef > 0 or self.process_cfg is not None
+
+    def _reference(self, params):
+        """A copy of the policy (own buffers: the update donates params), or None."""
+        return jax.tree.map(jnp.copy, params["policy"]) if self.keeps_reference else None
+
+    def _reward_extras(self, key, policy, *, train_rm: bool, verbose: bool = False) -> dict:
         """TrainState fields of the reward config: the learned RM's params (trained here on
         oracle-vs-perturbed preference pairs, trunk from the (BC) policy, or loaded from
         ``reward.rm_checkpoint``; random when ``train_rm`` is False: structure only) and the
-        PRIME PRM (a copy of the reference policy) with its optimizer state."""
+        PRIME PRM (a copy of the initial / BC ``policy``) with its optimizer state."""
         out = {}
         k_rm = jax.random.fold_in(key, 7919)     # own stream: other keys unchanged
         if self.rm_model is not None:
             if train_rm:
                 rm_model, rm_params, self.rm_metrics = rm_lib.reward_model_from_config(
-                    self.config.reward, self.env, self.model_cfg, k_rm, init_trunk=ref,
+                    self.config.reward, self.env, self.model_cfg, k_rm, init_trunk=policy,
                     verbose=verbose)
                 if rm_model.cfg != self.rm_model.cfg:
                     raise ValueError(f"reward model config {rm_model.cfg} != {self.rm_model.cfg}")
@@ -327,7 +338,7 @@ class Trainer:
                 rm_params = rm_lib.init_reward_params(self.rm_model, k_rm)
             out["reward_params"] = rm_params
         if self.prm_optimizer is not None:
-            prm = jax.tree.map(jnp.copy, ref)
+            prm = jax.tree.map(jnp.copy, policy)
             out["prm"] = {"params": prm, "opt_state": self.prm_optimizer.init(prm)}
         return out
 
@@ -365,9 +376,8 @@ class Trainer:
                                                        verbose=verbose)
             if self.value_model is not None:
                 params["value"] = models.init_value_from_policy(params["policy"], params["value"])
-        ref = jax.tree.map(jnp.copy, params["policy"])   # own buffers: the update donates params
-        extras = self._reward_extras(key, ref, train_rm=True, verbose=verbose)
-        return self.place(self._new_state(params, ref, k_state, extras))
+        extras = self._reward_extras(key, params["policy"], train_rm=True, verbose=verbose)
+        return self.place(self._new_state(params, self._reference(params), k_state, extras))
 
     # ================================================================ stage 1: collect
     def collect(self, policy_params, key) -> tuple[Any, jax.Array, dict]:

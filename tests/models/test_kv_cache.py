@@ -183,3 +183,43 @@ def test_cache_errors():
     with pytest.raises(ValueError, match="positions / segment_ids"):
         m.apply({"params": p}, tokens_(2, 3), positions=jnp.zeros((2, 3), jnp.int32),
                 cache=models.init_cache(cfg, 2, 8))
+
+
+@pytest.mark.parametrize("block", [0, 8])
+@pytest.mark.parametrize("model_cls", [PolicyModel, ValueModel])
+def test_prefill_last_only_is_the_last_valid_output(monkeypatch, block, model_cls):
+    """``last_only``: each row's output at its last valid position (the full prefill's, picked),
+    the same cache; with and without cache-length buckets; rows with pads and an empty row."""
+    from models import kv_cache
+    monkeypatch.setitem(kv_cache.KV_BLOCK, jax.default_backend(), block)
+    cfg = cfg_()
+    m = model_cls(cfg)
+    p = random_params(m)
+    toks = tokens_(4, 6, seed=3)
+    valid = jnp.asarray(np.arange(6)[None, :] < np.array([6, 3, 1, 0])[:, None])
+    cache = models.init_cache(cfg, 4, 32)
+    cache = _prefill(m, p, tokens_(4, 5, seed=4), cache)[1]          # a history first
+    full, c_full = _prefill(m, p, toks, cache, valid)
+    last, c_last = jax.jit(models.prefill, static_argnums=(0, 5))(m, p, toks, cache, valid, True)
+    n = np.asarray(valid).sum(-1)
+    want = np.asarray(full)[np.arange(4), np.maximum(n - 1, 0)]
+    np.testing.assert_allclose(np.asarray(last)[n > 0], want[n > 0], atol=1e-5, rtol=1e-5)
+    assert last.shape == full.shape[:1] + full.shape[2:]
+    for a, b in zip(jax.tree.leaves(c_full), jax.tree.leaves(c_last)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prefill_last_only_builds_no_chunk_logits():
+    """The compiled ``last_only`` prefill holds no f32[B, C, V] buffer; the full one does."""
+    cfg = cfg_(vocab_size=997)
+    m = PolicyModel(cfg)
+    p = jax.eval_shape(lambda: random_params(m))
+    toks = jax.ShapeDtypeStruct((4, 24), jnp.int32)
+    cache = jax.eval_shape(lambda: models.init_cache(cfg, 4, 32))
+
+    def hlo(last_only):
+        fn = jax.jit(lambda p, t, c: models.prefill(m, p, t, c, last_only=last_only))
+        return fn.lower(p, toks, cache).compile().as_text()
+
+    assert "f32[4,24,997]" in hlo(False)
+    assert "f32[4,24,997]" not in hlo(True) and "f32[4,997]" in hlo(True)

@@ -109,3 +109,19 @@ def test_library_does_not_import_experiments():
                     bad += [f"{os.path.relpath(path, ROOT)}: {m}" for m in _imports(path)
                             if m == "experiments" or m.startswith(("experiments.", "benchmarks"))]
     assert not bad, bad
+
+
+def test_no_reference_copy_without_kl_or_prime():
+    """The state keeps a frozen reference policy only when a KL term or PRIME reads it."""
+    def state_of(**rl):
+        c = probes.tiny("guess_number", "grpo")
+        c.rl.update(rl)
+        tr = make_trainer(c)
+        return tr, jax.eval_shape(tr.fresh_state, jax.random.PRNGKey(0))
+
+    tr, st = state_of(kl_coef=0.0)
+    assert not tr.keeps_reference and st.ref_params is None
+    assert tr.abstract_state().ref_params is None
+    tr, st = state_of(kl_coef=0.04)
+    assert tr.keeps_reference
+    assert jax.tree.structure(st.ref_params) == jax.tree.structure(st.params["policy"])
