@@ -100,6 +100,18 @@ _REGISTRY = (
               paper="https://arxiv.org/abs/2503.14476",
               doc="DAPO: GRPO advantages, clip-higher, token-mean, dynamic sampling, overlong "
                   "penalty"),
+    Algorithm("gspo", "grpo", critic=False, group_relative=True, policy_loss="gspo",
+              rl=dict(eps_low=3e-4, eps_high=4e-4, agg="seq-mean-token-mean", kl_coef=0.0),
+              advantage_kwargs=dict(eps=1e-6, unbiased=True),
+              paper="https://arxiv.org/abs/2507.18071",
+              doc="GSPO: GRPO advantages, sequence-level length-normalised importance ratio "
+                  "clipped per sequence"),
+    Algorithm("cispo", "grpo", critic=False, group_relative=True, policy_loss="cispo",
+              rl=dict(eps_low=1.0, eps_high=0.28, agg="token-mean", kl_coef=0.0),
+              advantage_kwargs=dict(eps=1e-6, unbiased=True),
+              paper="https://arxiv.org/abs/2506.13585",
+              doc="CISPO: GRPO advantages, REINFORCE token loss weighted by the clipped "
+                  "stop-gradient importance ratio (no lower bound)"),
     Algorithm("archer", "turn_gae", critic=True, group_relative=False, stage="archer",
               rl=dict(agg="token-mean", kl_coef=0.0,
                       archer=dict(tau=0.1, replay_episodes=512, critic_updates=8,

@@ -158,10 +158,88 @@ def pg_policy_loss(logp, old_logp, advantages, mask, *, agg: str = "token-mean",
     return loss, metrics
 
 
+def gspo_policy_loss(logp, old_logp, advantages, mask, *, eps_low: float = 3e-4,
+                     eps_high: float = 4e-4, agg: str = "seq-mean-token-mean",
+                     max_len: int | None = None, log_ratio_clip: float = 10.0):
+    """GSPO (Zheng et al., 2025), the GSPO-token form → ``(loss, metrics)``.
+
+    Sequence importance ratio, length-normalised: s_i = exp((1/|y_i|) Σ_t (logπ − logπ_old)),
+    the mean over the row's masked tokens. Per token, s_{i,t} = sg(s_i) · π(y_t) / sg(π(y_t))
+    (value s_i, gradient s_i ∇logπ(y_t)); L_t = −min(s_{i,t} A_t, clip(s_{i,t}, 1−ε_low,
+    1+ε_high) A_t), aggregated with ``agg`` (the paper's seq-mean-token-mean: with an advantage
+    constant over the sequence this is −min(s_i A_i, clip(s_i) A_i) per sequence, so a whole
+    sequence is clipped or kept). The paper's ε = (3e-4, 4e-4). Metrics: ``clip_frac`` (tokens
+    whose sequence is clipped), ``approx_kl`` (token k3 of KL(π_old‖π)), ``ratio_mean`` (the
+    sequence ratios' mean over rows with tokens), ``dual_clip_frac`` = 0.
+    """
+    m = jnp.asarray(mask, bool)
+    _check_agg(agg)
+    for name, v in (("eps_low", eps_low), ("eps_high", eps_high)):
+        if _number(v) and not 0.0 <= v:
+            raise ValueError(f"{name}={v!r} must be ≥ 0")
+    logp = jnp.asarray(logp, jnp.float32)
+    a = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
+    delta = jnp.where(m, logp - jax.lax.stop_gradient(jnp.asarray(old_logp, jnp.float32)), 0.0)
+    n = m.sum(-1)
+    seq_log_ratio = delta.sum(-1) / jnp.maximum(n, 1).astype(jnp.float32)          # [B]
+    log_s = jnp.minimum(jax.lax.stop_gradient(seq_log_ratio)[:, None] + logp
+                        - jax.lax.stop_gradient(logp), log_ratio_clip)
+    s = jnp.exp(log_s)
+    pg1 = -a * s
+    pg2 = -a * jnp.clip(s, 1.0 - eps_low, 1.0 + eps_high)
+    loss = aggregate(jnp.maximum(pg1, pg2), m, agg, max_len)
+    sg_delta = jax.lax.stop_gradient(delta)
+    has = n > 0
+    seq_ratio = jnp.exp(jax.lax.stop_gradient(seq_log_ratio))
+    metrics = {
+        "clip_frac": _masked_mean(pg2 > pg1, m),
+        "dual_clip_frac": jnp.zeros((), jnp.float32),
+        "approx_kl": _masked_mean(jnp.exp(sg_delta) - 1.0 - sg_delta, m),
+        "ratio_mean": jnp.where(has, seq_ratio, 0.0).sum() / jnp.maximum(has.sum(), 1),
+    }
+    return loss, metrics
+
+
+def cispo_policy_loss(logp, old_logp, advantages, mask, *, eps_low: float = 1.0,
+                      eps_high: float = 0.28, agg: str = "token-mean",
+                      max_len: int | None = None, log_ratio_clip: float = 20.0):
+    """CISPO (MiniMax-M1, 2025) → ``(loss, metrics)``: a REINFORCE token loss weighted by the
+    clipped, stop-gradient importance ratio,
+
+        L_t = −sg(clip(ρ_t, 1 − ε_low, 1 + ε_high)) · A_t · logπ(y_t),   ρ_t = π(y_t) / π_old(y_t),
+
+    aggregated with ``agg`` (the paper's token-mean). Unlike PPO-clip no token's gradient is
+    dropped: a clipped ratio only caps its weight. The paper sets no lower bound (ε_low = 1:
+    the weight is ≥ 0) and tunes ε_high. Metrics: ``clip_frac`` (tokens whose weight is
+    clipped), ``approx_kl``, ``ratio_mean``, ``dual_clip_frac`` = 0.
+    """
+    m = jnp.asarray(mask, bool)
+    _check_agg(agg)
+    for name, v in (("eps_low", eps_low), ("eps_high", eps_high)):
+        if _number(v) and not 0.0 <= v:
+            raise ValueError(f"{name}={v!r} must be ≥ 0")
+    logp = jnp.asarray(logp, jnp.float32)
+    a = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
+    log_ratio = jax.lax.stop_gradient(jnp.clip(
+        logp - jnp.asarray(old_logp, jnp.float32), -log_ratio_clip, log_ratio_clip))
+    ratio = jnp.exp(log_ratio)
+    weight = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = aggregate(-weight * a * logp, m, agg, max_len)
+    metrics = {
+        "clip_frac": _masked_mean(weight != ratio, m),
+        "dual_clip_frac": jnp.zeros((), jnp.float32),
+        "approx_kl": _masked_mean(ratio - 1.0 - log_ratio, m),
+        "ratio_mean": _masked_mean(ratio, m),
+    }
+    return loss, metrics
+
+
 #: ``config.rl.policy_loss`` -> the loss (an algorithm's default is its record's ``policy_loss``).
 POLICY_LOSSES: dict[str, Callable] = {
     "ppo": ppo_policy_loss,
     "pg": pg_policy_loss,
+    "gspo": gspo_policy_loss,
+    "cispo": cispo_policy_loss,
 }
 
 

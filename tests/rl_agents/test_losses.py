@@ -174,7 +174,7 @@ def test_ppo_log_ratio_clip_keeps_finite():
 
 
 def test_pg_loss_and_registry():
-    assert set(POLICY_LOSSES) == {"ppo", "pg"}
+    assert set(POLICY_LOSSES) == {"ppo", "pg", "gspo", "cispo"}
     rng = np.random.default_rng(2)
     lp = rng.normal(size=(3, 5)).astype(np.float32)
     old = lp + 0.3 * rng.normal(size=(3, 5)).astype(np.float32)
@@ -189,6 +189,74 @@ def test_pg_loss_and_registry():
     lp2 = old + 0.01
     np.testing.assert_allclose(POLICY_LOSSES["pg"](lp2, old, adv, m)[0],
                                POLICY_LOSSES["ppo"](lp2, old, adv, m)[0], rtol=1e-6)
+
+
+def np_gspo(lp, old, adv, m, eps_low, eps_high):
+    """GSPO by the paper's sequence formula, A constant per sequence: loss = mean over rows with
+    tokens of −min(s A, clip(s) A), s = exp(mean_t(lp − old)); d loss / d lp_t = −A s / |y| / N
+    on the unclipped branch, 0 on the clipped one."""
+    n = m.sum(-1)
+    has = n > 0
+    s = np.exp(np.where(m, lp - old, 0).sum(-1) / np.maximum(n, 1))
+    a = adv[:, 0]
+    unclipped = -a * s
+    clipped = -a * np.clip(s, 1 - eps_low, 1 + eps_high)
+    per_seq = np.maximum(unclipped, clipped)
+    loss = per_seq[has].mean()
+    take_unclipped = unclipped >= clipped
+    g = np.where(m, np.where(take_unclipped, -a * s, 0.0)[:, None] / np.maximum(n, 1)[:, None],
+                 0.0) / has.sum()
+    return loss, g, s
+
+
+@pytest.mark.parametrize("eps", [(3e-4, 4e-4), (0.2, 0.2)])
+def test_gspo_matches_the_sequence_formula(eps):
+    rng = np.random.default_rng(7)
+    b, t = 6, 7
+    m = rand_mask(rng, b, t)
+    m[0] = False                                       # a row without tokens does not count
+    old = rng.normal(size=(b, t)).astype(np.float32) - 1
+    lp = old + 0.3 * rng.normal(size=(b, t)).astype(np.float32)
+    adv = np.repeat(rng.normal(size=(b, 1)), t, 1).astype(np.float32)    # sequence advantages
+    fn = lambda x: POLICY_LOSSES["gspo"](x, old, adv, m, eps_low=eps[0], eps_high=eps[1])
+    (loss, met), g = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(lp))
+    want, want_g, s = np_gspo(lp.astype(np.float64), old, adv, m, *eps)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(g, want_g, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(met["ratio_mean"], s[m.any(-1)].mean(), rtol=1e-5)
+    # GSPO clips whole sequences: every token of a row shares the clip decision
+    clipped_rows = (np.clip(s, 1 - eps[0], 1 + eps[1]) != s)
+    if eps[0] < 1e-3:
+        assert clipped_rows[m.any(-1)].any()               # the test exercises the clip
+    # at the sampler's policy (s = 1) its gradient is the sequence-mean REINFORCE gradient
+    g1 = jax.grad(lambda x: POLICY_LOSSES["gspo"](x, jax.lax.stop_gradient(x), adv, m)[0])(
+        jnp.asarray(old))
+    n = m.sum(-1, keepdims=True)
+    np.testing.assert_allclose(g1, np.where(m, -adv / np.maximum(n, 1) / m.any(-1).sum(), 0),
+                               atol=1e-7)
+
+
+def test_cispo_matches_the_paper_formula():
+    """L = token-mean of −sg(clip(ρ, 1−ε_low, 1+ε_high))·A·logπ: its gradient is the clipped
+    ratio times REINFORCE's, and no token's gradient is dropped (unlike PPO-clip)."""
+    rng = np.random.default_rng(8)
+    b, t = 5, 6
+    m = rand_mask(rng, b, t)
+    old = rng.normal(size=(b, t)).astype(np.float32) - 1
+    lp = old + 0.6 * rng.normal(size=(b, t)).astype(np.float32)
+    adv = rng.normal(size=(b, t)).astype(np.float32)
+    eps_low, eps_high = 1.0, 0.28
+    fn = lambda x: POLICY_LOSSES["cispo"](x, old, adv, m, eps_low=eps_low, eps_high=eps_high)
+    (loss, met), g = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(lp))
+    w = np.clip(np.exp(lp - old), 1 - eps_low, 1 + eps_high)
+    np.testing.assert_allclose(loss, (np.where(m, -w * adv * lp, 0)).sum() / m.sum(), rtol=1e-5)
+    np.testing.assert_allclose(g, np.where(m, -w * adv / m.sum(), 0), atol=1e-6, rtol=1e-5)
+    assert float(met["clip_frac"]) == pytest.approx((w != np.exp(lp - old))[m].mean(), abs=1e-6)
+    assert (w != np.exp(lp - old))[m].any()            # the test exercises the clip
+    # where PPO-clip zeroes a clipped token's gradient, CISPO keeps it (capped)
+    g_ppo = jax.grad(lambda x: POLICY_LOSSES["ppo"](x, old, adv, m, eps_low=0.2,
+                                                    eps_high=0.28)[0])(jnp.asarray(lp))
+    assert np.any((np.asarray(g_ppo) == 0) & m & (np.asarray(g) != 0))
 
 
 # ------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def test_unknown_policy_loss_is_one_line():
     c = probes.tiny("kv_search", "grpo")
     c.rl.policy_loss = "clipz"
     with pytest.raises(ConfigError, match=r"config\.rl\.policy_loss = 'clipz' is not one of "
-                                          r"\['pg', 'ppo'\]"):
+                                          r"\['cispo', 'gspo', 'pg', 'ppo'\]"):
         check_config(c, num_devices=1)
     with pytest.raises(ValueError, match="policy_loss='clipz'"):
         make_trainer(c)
