@@ -24,6 +24,13 @@ then the non-finite guard (``rl_agents.nonfinite.skip_nonfinite``): an update wi
 optimizer step or non-finite new parameters is skipped whole (only ``key`` and ``step``
 advance; ``update/skipped_nonfinite``).
 
+``mismatch/kl``: the k3 estimate of KL(sampler ‖ trainer) on the sampled tokens, mean over
+the agent tokens of ρ − 1 − log ρ with ρ = π_train / π_behaviour, read from the first
+minibatch step of the update (a uniformly random 1/``minibatches`` of the rows, before any
+optimizer step, so both sides hold the same parameters: what remains is the numerical
+mismatch between the KV-cached sampler and the trainer's forward pass, e.g. bfloat16
+sampling).
+
 What varies is composed, not subclassed: the context mode (``config.context.mode``: ``"full"``
 = ``FullContext``, ``"supo"`` = ``rl_agents.summarization.SupoContext``) decides how episodes
 are sampled, warm-started, cut into training rows and evaluated; the algorithm's ``stage``
@@ -559,7 +566,10 @@ class Trainer:
         skip, (params, opt_state, prm, extra) = skip_nonfinite(
             bad_steps, new=(params, opt_state, prm, extra),
             old=(state.params, state.opt_state, state.prm, state.extra), also=stage_finite)
+        # sampler vs trainer: the first minibatch step runs at the sampling parameters
+        mismatch = metrics["policy/approx_kl"][0, 0]
         metrics = jax.tree.map(jnp.mean, metrics)
+        metrics["mismatch/kl"] = mismatch
         metrics.update(stage_metrics)
         metrics.update(episode_metrics(env_traj, "rollout"))    # env returns, not the learned ones
         metrics.update(self.context.metrics(env_traj, "rollout"))

@@ -125,3 +125,25 @@ def test_no_reference_copy_without_kl_or_prime():
     tr, st = state_of(kl_coef=0.04)
     assert tr.keeps_reference
     assert jax.tree.structure(st.ref_params) == jax.tree.structure(st.params["policy"])
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.3])
+def test_mismatch_kl_is_the_sampler_trainer_kl(monkeypatch, shift):
+    """``mismatch/kl`` is the k3 KL between the recorded behaviour log-probs and the trainer's
+    on the sampled tokens: ≈ 0 when they come from the same parameters, e^s − 1 − s when the
+    recorded ones are lowered by s on every agent token."""
+    from rl_agents import trainer as trainer_lib
+
+    sample = trainer_lib.FullContext.sample
+
+    def shifted(self, tr, params, key, **kw):
+        traj = sample(self, tr, params, key, **kw)
+        return traj.replace(behaviour_logp=jnp.where(traj.loss_mask,
+                                                     traj.behaviour_logp - shift, 0.0))
+
+    monkeypatch.setattr(trainer_lib.FullContext, "sample", shifted)
+    c = probes.tiny("kv_search", "grpo")
+    c.rl.update(minibatches=1, kl_coef=0.0)
+    _, metrics = make_train(c)(jax.random.PRNGKey(0))
+    want = np.exp(shift) - 1.0 - shift
+    np.testing.assert_allclose(float(metrics["mismatch/kl"][0]), want, atol=2e-5, rtol=1e-3)
