@@ -79,6 +79,13 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token-mean",
 # ============================================================================================
 # Policy losses
 # ============================================================================================
+def _check_clip_range(eps_low, eps_high) -> None:
+    """A policy loss's clip range: both ε ≥ 0 (concrete numbers; traced values pass)."""
+    for name, v in (("eps_low", eps_low), ("eps_high", eps_high)):
+        if _number(v) and not 0.0 <= v:
+            raise ValueError(f"{name}={v!r} must be ≥ 0")
+
+
 def _masked_mean(x, m):
     return _token_mean(jnp.asarray(x, jnp.float32), m, None)
 
@@ -99,9 +106,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, eps_low: float = 0.2,
     """
     m = jnp.asarray(mask, bool)
     _check_agg(agg)
-    for name, v in (("eps_low", eps_low), ("eps_high", eps_high)):
-        if _number(v) and not 0.0 <= v:
-            raise ValueError(f"{name}={v!r} must be ≥ 0")
+    _check_clip_range(eps_low, eps_high)
     if _number(eps_low) and eps_low >= 1.0:
         raise ValueError(f"eps_low={eps_low!r} must be < 1")
     if dual_clip is not None and _number(dual_clip) and not dual_clip > 1.0:
@@ -174,9 +179,7 @@ def gspo_policy_loss(logp, old_logp, advantages, mask, *, eps_low: float = 3e-4,
     """
     m = jnp.asarray(mask, bool)
     _check_agg(agg)
-    for name, v in (("eps_low", eps_low), ("eps_high", eps_high)):
-        if _number(v) and not 0.0 <= v:
-            raise ValueError(f"{name}={v!r} must be ≥ 0")
+    _check_clip_range(eps_low, eps_high)
     logp = jnp.asarray(logp, jnp.float32)
     a = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
     delta = jnp.where(m, logp - jax.lax.stop_gradient(jnp.asarray(old_logp, jnp.float32)), 0.0)
@@ -215,9 +218,7 @@ def cispo_policy_loss(logp, old_logp, advantages, mask, *, eps_low: float = 1.0,
     """
     m = jnp.asarray(mask, bool)
     _check_agg(agg)
-    for name, v in (("eps_low", eps_low), ("eps_high", eps_high)):
-        if _number(v) and not 0.0 <= v:
-            raise ValueError(f"{name}={v!r} must be ≥ 0")
+    _check_clip_range(eps_low, eps_high)
     logp = jnp.asarray(logp, jnp.float32)
     a = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
     log_ratio = jax.lax.stop_gradient(jnp.clip(
