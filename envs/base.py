@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from envs import vocab
+
 
 @struct.dataclass
 class TimeStep:
@@ -44,6 +46,14 @@ class Env:
     action_len: int = 8      # tokens in one agent turn (including its <eos>)
     max_turns: int = 8       # turn budget; truncation after this many steps
     format_penalty: float = 0.1
+    # the ids of a row's framing, read by the rollout: rows are real tokens then ``fill_id``;
+    # an action ends after its first id in ``stop_ids`` (kept) or at a sampled ``fill_id``
+    # (not kept) when ``fill_ends_action``. The symbol vocabulary: <pad>, (<eos>,), True.
+    # A tokenizer-bridged env (``envs.tokenizer_bridge.BridgedEnv``): -1, the model's stop
+    # ids, False (every id of a real vocabulary is a real token).
+    fill_id: int = vocab.PAD
+    stop_ids: tuple = (vocab.EOS,)
+    fill_ends_action: bool = True
 
     def reset(self, key: jax.Array) -> tuple[Any, TimeStep]:
         raise NotImplementedError
@@ -79,7 +89,6 @@ def finish_step(env: Env, state: Any, *, terminated, observation, reward, info: 
     returned unchanged with the observation ``<obs>``, reward 0, its own end flags and
     ``idle_info``. (Every leaf is chosen with ``where``, so the function is vmap-safe.)
     """
-    from envs import vocab
     from envs.wrappers import tree_select      # here: envs.wrappers imports this module
 
     turn = state.turn + 1

@@ -69,6 +69,9 @@ class Wrapper(Env):
     action_len = property(lambda self: self.env.action_len)
     max_turns = property(lambda self: self.env.max_turns)
     format_penalty = property(lambda self: self.env.format_penalty)
+    fill_id = property(lambda self: self.env.fill_id)
+    stop_ids = property(lambda self: self.env.stop_ids)
+    fill_ends_action = property(lambda self: self.env.fill_ends_action)
 
     @property
     def unwrapped(self) -> Env:

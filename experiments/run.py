@@ -42,7 +42,7 @@ from rl_agents.trainer import Trainer
 from rl_agents.validation import ConfigError, check_config
 
 __all__ = ["ConfigError", "NonFiniteError", "RUN_LENGTH_KEYS", "CONFIG_FILE", "config_fingerprint",
-           "flat_config", "config_diff", "check_config", "build_trainer", "check_workdir_config",
+           "flat_config", "config_diff", "config_from_workdir", "check_config", "build_trainer", "check_workdir_config",
            "restore_latest", "run_training", "eval_key"]
 
 #: Keys that may change between a run and its resumption (they do not shape the training).
@@ -67,6 +67,28 @@ def flat_config(config) -> dict[str, Any]:
 
     walk("", json.loads(config.to_json_best_effort(sort_keys=True)))
     return out
+
+
+def config_from_workdir(workdir: str):
+    """The run's ConfigDict rebuilt from ``WORKDIR/config.json`` (what ``flat_config`` wrote)."""
+    import ml_collections
+
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise ConfigError(f"--workdir {workdir} has no {CONFIG_FILE} (not a training workdir)")
+    with open(path) as f:
+        try:
+            flat = json.load(f)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{path} is not valid JSON (damaged workdir?)") from None
+    nested: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return ml_collections.ConfigDict(nested)
 
 
 def _shaping(flat: dict) -> dict:

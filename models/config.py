@@ -106,6 +106,10 @@ class ModelConfig:
     ``remat``: jax.checkpoint each layer. ``scan_layers``: nn.scan over layers (params stacked on
     a leading "layers" axis under ``model/layers``; otherwise ``model/layers_{i}``).
     ``pad_id``: token treated as padding by RewardModel when no segment_ids are given.
+    ``vocab_limit``: None, or the number of real token ids (a tokenizer's ``len``) when the
+    embedding has padded rows beyond them (Qwen2.5: 151,936 rows, 151,665 tokens): the policy's
+    logits then cover ids ``[0, vocab_limit)`` only, so the padded rows are never sampled and
+    every log-prob is normalised over the real tokens.
     """
     vocab_size: int = 64
     d_model: int = 128
@@ -126,6 +130,7 @@ class ModelConfig:
     remat: bool = False
     scan_layers: bool = False
     pad_id: int = 0
+    vocab_limit: int | None = None
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -170,6 +175,13 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.pad_id={self.pad_id!r} must be an int in "
                              f"[0, vocab_size={self.vocab_size})")
         object.__setattr__(self, "pad_id", int(self.pad_id))
+        if self.vocab_limit is not None:
+            vl = self.vocab_limit
+            if isinstance(vl, bool) or not isinstance(vl, (int, np.integer)) \
+                    or not 1 <= vl <= self.vocab_size:
+                raise ValueError(f"ModelConfig.vocab_limit={vl!r} must be None or an int in "
+                                 f"[1, vocab_size={self.vocab_size}]")
+            object.__setattr__(self, "vocab_limit", None if int(vl) == self.vocab_size else int(vl))
         object.__setattr__(self, "rope_scaling",
                            _normalize_rope_scaling(self.rope_scaling, self.max_seq_len))
 

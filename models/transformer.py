@@ -159,14 +159,17 @@ class _Headed(nn.Module):
 
 
 class PolicyModel(_Headed):
-    """Language model: float32 logits [B, T, vocab] (tied to the embedding if tie_embeddings)."""
+    """Language model: float32 logits [B, T, vocab] (tied to the embedding if tie_embeddings;
+    [B, T, vocab_limit] when ``cfg.vocab_limit`` is set)."""
 
     def head(self, trunk, x):
         cfg = self.cfg
         if cfg.tie_embeddings:
-            return trunk.attend(x)
-        return Dense((cfg.vocab_size,), ("embed", "vocab"), dtype=cfg.compute_dtype,
-                     param_dtype=cfg.params_dtype, out_dtype=jnp.float32, name="lm_head")(x)
+            logits = trunk.attend(x)
+        else:
+            logits = Dense((cfg.vocab_size,), ("embed", "vocab"), dtype=cfg.compute_dtype,
+                           param_dtype=cfg.params_dtype, out_dtype=jnp.float32, name="lm_head")(x)
+        return logits if cfg.vocab_limit is None else logits[..., :cfg.vocab_limit]
 
 
 class ValueModel(_Headed):
@@ -228,6 +231,8 @@ def policy_hidden(model: nn.Module, params: dict, tokens, positions=None, segmen
         unembed = jnp.asarray(params["lm_head"]["kernel"])
     tokens, positions, seg = _prepare(cfg, tokens, positions, segment_ids, None, None)
     hidden, _ = Trunk(cfg).apply({"params": params["model"]}, tokens, positions, seg, None)
+    if cfg.vocab_limit is not None:
+        unembed = unembed[:, :cfg.vocab_limit]
     return hidden, unembed.astype(cfg.compute_dtype)
 
 

@@ -77,20 +77,28 @@ class TurnPolicy(NamedTuple):
     observe: Callable[[Any, jax.Array, jax.Array], Any]               # (pstate, obs, valid) -> pstate
 
 
-def generate(model, params, sampling: SamplingConfig, cache, logits, rows, key, n: int):
+def generate(model, params, sampling: SamplingConfig, cache, logits, rows, key, n: int,
+             stop_ids=(vocab.EOS,), fill_id: int = vocab.PAD, fill_ends_action: bool = True):
     """Sample up to ``n`` tokens per row of ``rows`` from ``logits`` onward, one ``decode_step``
-    of the whole batch per token, each row stopping after its ``<eos>`` (or a sampled ``<pad>``,
-    where the env stops reading); returns ``(TurnOutput [B,n], cache, logits)``. Rows not in
-    ``rows`` write nothing to the cache."""
+    of the whole batch per token, each row stopping after its first id in ``stop_ids`` (or a
+    sampled ``fill_id`` when ``fill_ends_action``: the symbol vocabulary's ``<pad>``, where the
+    env stops reading); returns ``(TurnOutput [B,n], cache, logits)``, ``fill_id`` where a row
+    emitted nothing. Rows not in ``rows`` write nothing to the cache."""
+    stops = jnp.asarray(stop_ids, jnp.int32)
+
     def token_step(carry, step_key):
         cache, logits, finished = carry
         tok, lp = sample_tokens(logits, step_key, sampling)
         emit = rows & ~finished
-        tok = jnp.where(emit, tok, vocab.PAD)
         lp = jnp.where(emit, lp, 0.0)
-        new_logits, cache = models.decode_step(model, params, tok, cache, valid=emit)
+        new_logits, cache = models.decode_step(model, params, jnp.where(emit, tok, 0), cache,
+                                               valid=emit)
         logits = jnp.where(emit[:, None], new_logits, logits)
-        finished = finished | (emit & ((tok == vocab.EOS) | (tok == vocab.PAD)))
+        ends = (tok[:, None] == stops[None]).any(-1)
+        if fill_ends_action:
+            ends = ends | (tok == fill_id)
+        finished = finished | (emit & ends)
+        tok = jnp.where(emit, tok, fill_id)
         return (cache, logits, finished), (tok, emit, lp)
 
     finished = jnp.zeros(rows.shape, bool)
@@ -108,6 +116,7 @@ def model_policy(model: models.PolicyModel, params: Any, env: Env, sampling: Sam
         # the barrier stops XLA from constant-folding attention over the all-zero cache at
         # compile time (seconds per layer on CPU)
         cache = jax.lax.optimization_barrier(models.init_cache(model.cfg, prompt.shape[0], max_len))
+        prompt = jnp.where(valid, prompt, 0)          # the fill is not a token id (bridged envs)
         logits, cache = models.prefill(model, params, prompt, cache, valid=valid, last_only=True)
         return cache, jnp.where(valid.any(-1)[:, None], logits, 0.0)
 
@@ -115,22 +124,25 @@ def model_policy(model: models.PolicyModel, params: Any, env: Env, sampling: Sam
         del env_states
         cache, logits = pstate
         out, cache, logits = generate(model, params, sampling, cache, logits, active, key,
-                                      env.action_len)
+                                      env.action_len, env.stop_ids, env.fill_id,
+                                      env.fill_ends_action)
         return out, (cache, logits)
 
     def observe(pstate, obs, valid):
         cache, logits = pstate
+        obs = jnp.where(valid, obs, 0)
         new_logits, cache = models.prefill(model, params, obs, cache, valid=valid, last_only=True)
         return cache, jnp.where(valid.any(-1)[:, None], new_logits, logits)
 
     return TurnPolicy(init, act, observe)
 
 
-def action_valid_mask(action: jax.Array) -> jax.Array:
-    """Tokens up to and including the first <eos>, stopping at the first <pad>: [.., A] bool."""
-    not_pad = jnp.cumprod(action != vocab.PAD, axis=-1).astype(bool)
-    eos_before = jnp.cumsum(action == vocab.EOS, axis=-1) - (action == vocab.EOS)
-    return not_pad & (eos_before == 0)
+def action_valid_mask(action: jax.Array, stop_ids=(vocab.EOS,), fill_id: int = vocab.PAD) -> jax.Array:
+    """Ids up to and including the first stop id, ending at the first ``fill_id``: [.., A] bool."""
+    not_fill = jnp.cumprod(action != fill_id, axis=-1).astype(bool)
+    is_stop = (action[..., None] == jnp.asarray(stop_ids, action.dtype)).any(-1)
+    stop_before = jnp.cumsum(is_stop, axis=-1) - is_stop
+    return not_fill & (stop_before == 0)
 
 
 def oracle_policy(env: Env, epsilon: float = 0.0) -> TurnPolicy:
@@ -139,18 +151,25 @@ def oracle_policy(env: Env, epsilon: float = 0.0) -> TurnPolicy:
     def init(prompt, valid):
         return ()
 
+    # a tokenizer-bridged env draws its random actions as env symbols and renders them
+    render = getattr(env, "render_action", None)
+    sym_len = env.env.action_len if render is not None else env.action_len
+
     def act(pstate, env_states, active, key):
         b = active.shape[0]
         k_oracle, k_coin, k_rand = jax.random.split(key, 3)
         oracle = jax.vmap(env.oracle_action)(env_states, jax.random.split(k_oracle, b))
-        rand_len = jax.random.randint(k_rand, (b, 1), 1, env.action_len)
-        rand_tok = jax.random.randint(jax.random.fold_in(k_rand, 1), (b, env.action_len), 2, vocab.size)
-        pos = jnp.arange(env.action_len)[None]
+        rand_len = jax.random.randint(k_rand, (b, 1), 1, sym_len)
+        rand_tok = jax.random.randint(jax.random.fold_in(k_rand, 1), (b, sym_len), 2, vocab.size)
+        pos = jnp.arange(sym_len)[None]
         random_action = jnp.where(pos < rand_len, rand_tok, jnp.where(pos == rand_len, vocab.EOS, vocab.PAD))
+        if render is not None:
+            random_action = jax.vmap(render)(random_action)
         use_random = jax.random.uniform(k_coin, (b,)) < epsilon
         action = jnp.where(use_random[:, None], random_action, oracle).astype(jnp.int32)
-        action = jnp.where(active[:, None], action, vocab.PAD)
-        return TurnOutput(action, action_valid_mask(action), jnp.zeros(action.shape, jnp.float32)), pstate
+        action = jnp.where(active[:, None], action, env.fill_id)
+        valid = action_valid_mask(action, env.stop_ids, env.fill_id)
+        return TurnOutput(action, valid, jnp.zeros(action.shape, jnp.float32)), pstate
 
     def observe(pstate, obs, valid):
         return pstate
@@ -161,8 +180,8 @@ def oracle_policy(env: Env, epsilon: float = 0.0) -> TurnPolicy:
 # --------------------------------------------------------------------------------------------
 # The episode runner.
 # --------------------------------------------------------------------------------------------
-def _prefix_valid(row: jax.Array) -> jax.Array:
-    return jnp.cumprod(row != vocab.PAD, axis=-1).astype(bool)
+def _prefix_valid(row: jax.Array, fill_id: int = vocab.PAD) -> jax.Array:
+    return jnp.cumprod(row != fill_id, axis=-1).astype(bool)
 
 
 def compact(tree_tokens_first: dict[str, jax.Array], valid: jax.Array) -> tuple[dict, jax.Array]:
@@ -190,17 +209,17 @@ def run_episodes(env: Env, policy: TurnPolicy, key: jax.Array, num_groups: int,
     reset_keys = shard_rows(reset_keys)
     env_state, ts = shard_rows(jax.vmap(env.reset)(reset_keys))
     prompt = ts.observation.astype(jnp.int32)
-    prompt_valid = _prefix_valid(prompt)
+    prompt_valid = _prefix_valid(prompt, env.fill_id)
     pstate = policy.init(prompt, prompt_valid)
 
     def turn(carry, turn_key):
         env_state, pstate, done, seen_obs = carry
         active = ~done
         out, pstate = policy.act(pstate, env_state, active, turn_key)
-        action = jnp.where(out.action_valid, out.action, vocab.PAD)
+        action = jnp.where(out.action_valid, out.action, env.fill_id)
         new_state, ts = jax.vmap(env.step)(env_state, action)
-        obs = jnp.where(active[:, None], ts.observation.astype(jnp.int32), vocab.PAD)
-        obs_valid = _prefix_valid(obs) & active[:, None]
+        obs = jnp.where(active[:, None], ts.observation.astype(jnp.int32), env.fill_id)
+        obs_valid = _prefix_valid(obs, env.fill_id) & active[:, None]
         pstate = policy.observe(pstate, obs, obs_valid)
         reward = jnp.where(active, ts.reward, 0.0).astype(jnp.float32)
         record = dict(

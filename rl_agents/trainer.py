@@ -197,7 +197,14 @@ class Trainer:
         self.env = make_env(config)
         self.algorithm = get_algorithm(config.rl.algorithm)
         check_options(config)
-        self.model_cfg = model_config(config, self.env)
+        self.pretrained = None
+        if config.model.get("hf_checkpoint", ""):
+            from rl_agents.pretrained import load_pretrained
+            self.pretrained = load_pretrained(config.model, self.env)
+            self.env = self.pretrained.env                # the task in the tokenizer's ids
+            self.model_cfg = self.pretrained.model_cfg
+        else:
+            self.model_cfg = model_config(config, self.env)
         self.policy = models.PolicyModel(self.model_cfg)
         self.value_model = models.ValueModel(self.model_cfg) if self.algorithm.critic else None
         rl = config.rl
@@ -366,12 +373,21 @@ class Trainer:
 
     # ---------------------------------------------------------------- init / BC warm start
     def init_params(self, key) -> dict:
+        """Policy params (random, or the HF checkpoint's: ``config.model.hf_checkpoint``) and
+        the critic's (its trunk a copy of the policy's, head zero)."""
         k_pol, k_val = jax.random.split(key)
-        params = {"policy": models.init_params(self.policy, k_pol)}
+        if self.pretrained is not None:
+            params = {"policy": jax.tree.map(jnp.array, self.pretrained.params)}
+        else:
+            params = {"policy": models.init_params(self.policy, k_pol)}
         if self.value_model is not None:
             value = models.init_params(self.value_model, k_val)
             params["value"] = models.init_value_from_policy(params["policy"], value)
         return params
+
+    def policy_weights(self, policy_params) -> dict:
+        """The policy's full ``PolicyModel`` params as stored in the state (for export)."""
+        return policy_params
 
     def init(self, key, *, verbose: bool = False) -> TrainState:
         """Fresh params, the context's BC warm start on oracle demos (``config.bc.episodes > 0``),

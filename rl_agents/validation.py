@@ -224,11 +224,38 @@ def check_env_name(config, ctx):
     return None
 
 
+def check_hf_checkpoint(config, ctx):
+    path = _get(config, "model.hf_checkpoint")
+    tags = _get(config, "model.tags")
+    if tags is not _MISSING and tags not in ("special", "text"):
+        return f"config.model.tags = {tags!r} is not one of special, text"
+    at = _get(config, "model.action_tokens")
+    if at is not _MISSING and (not _is_int(at) or int(at) < 0 or int(at) == 1):
+        return f"config.model.action_tokens must be 0 (automatic) or an int >= 2, got {at!r}"
+    if path is _MISSING or not path:
+        return None
+    if not isinstance(path, str):
+        return f"config.model.hf_checkpoint must be a directory path, got {path!r}"
+    from rl_agents.pretrained import check_checkpoint_dir
+    problem = check_checkpoint_dir(path)
+    if problem:
+        return f"config.model.hf_checkpoint: {problem}"
+    mode = _get(config, "context.mode")
+    if mode not in (_MISSING, "full"):
+        return (f"config.context.mode = {mode!r} is not supported with model.hf_checkpoint "
+                f"(summarization writes the symbol vocabulary's own tags)")
+    if _get(config, "reward.source") == "learned":
+        return ("config.reward.source = 'learned' is not supported with model.hf_checkpoint (the "
+                "reward model is built in the symbol vocabulary)")
+    return None
+
+
 #: The checks, in order; the first failure is raised (later checks may assume earlier ones).
 CHECKS: tuple[Callable[[Any, Context], str | None], ...] = (
     check_required, check_seed, check_mesh_sizes, check_mesh_product, check_positive_sizes,
     check_non_negative, check_batch_divisible, check_group_size, check_minibatches, check_heads,
     check_dtypes, check_attention_impl, check_temperature, check_top_p, check_optim, check_env_name,
+    check_hf_checkpoint,
 )
 
 

@@ -4,7 +4,8 @@ Keys (all read by ``rl_agents.trainer`` / ``experiments.train``):
   seed, total_updates, eval_every, checkpoint_every, keep_checkpoints, log_every
   mesh.{data,fsdp,tensor}          device mesh (product = number of devices)
   env.name, env.kwargs.*           ``envs.make(name, **kwargs)``
-  model.*                          ``models.ModelConfig`` fields (vocab / max_seq_len come from the env)
+  model.*                          ``models.ModelConfig`` fields (vocab / max_seq_len come from the env),
+                                   or ``model.hf_checkpoint``: a Hugging Face checkpoint + tokenizer
   rollout.*                        groups × group size per update, sampling, eval episodes
   rl.*                             algorithm (``rl_agents.algorithms``) and loss settings
   optim.*                          AdamW with linear warm-up, optional cosine/linear decay,
@@ -32,7 +33,12 @@ def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collec
     c.model = ml_collections.ConfigDict(dict(
         d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384, rope_theta=10000.0,
         tie_embeddings=False, dtype="float32", param_dtype="float32", attention_impl="auto",
-        remat=False, scan_layers=False))
+        remat=False, scan_layers=False,
+        # your own model: a save_pretrained dir (Llama / Qwen2 + tokenizer); "" = the model
+        # above in the symbol vocabulary. With a checkpoint, d_model..rope_theta are its own,
+        # tags: env tags as added special tokens ("special") or plain text ("text"),
+        # action_tokens: a turn's token budget in the tokenizer's ids (0: automatic).
+        hf_checkpoint="", tags="special", action_tokens=0))
 
     c.rollout = ml_collections.ConfigDict(dict(
         num_groups=16, group_size=4, temperature=1.0, top_k=0, top_p=1.0, eval_episodes=256))

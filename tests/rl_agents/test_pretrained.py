@@ -1,0 +1,164 @@
+"""A Hugging Face checkpoint (made here: locally trained tokenizer, random Llama) as the policy:
+loading, token-in / token-out rollouts, training and export back to ``transformers``."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+import rl_agents
+from experiments.configs import load
+from rl_agents.validation import ConfigError, check_config
+from tests.hf_fixtures import make_checkpoint_dir
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    # 40 padded embedding rows: room for the 14 tag tokens and 26 rows never sampled
+    return make_checkpoint_dir(tmp_path_factory.mktemp("hf") / "llama", pad_rows=40)
+
+
+def tiny_config(ckpt, algorithm="grpo", **rl):
+    cfg = load(f"calculator_{algorithm}")
+    cfg.model.hf_checkpoint = str(ckpt)
+    cfg.rollout.num_groups, cfg.rollout.group_size = (2, 2) if algorithm == "grpo" else (4, 1)
+    cfg.rollout.eval_episodes = 4
+    cfg.rl.minibatches = 1
+    cfg.bc.episodes = 0
+    cfg.total_updates = 1
+    for k, v in rl.items():
+        cfg.rl[k] = v
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trainer(ckpt):
+    return rl_agents.make_trainer(tiny_config(ckpt, "ppo", kl_coef=0.01))
+
+
+def test_policy_reference_and_value_trunk_start_from_the_checkpoint(ckpt, trainer):
+    cfg0, p0 = models.load_hf_checkpoint(ckpt)
+    n_tok = len(trainer.pretrained.tokenizer)
+    added = len(trainer.pretrained.bridge.added_tokens)
+    assert added == 14 and trainer.model_cfg.vocab_limit == n_tok
+    assert trainer.model_cfg.vocab_size == cfg0.vocab_size        # the padded rows held the tags
+    state = trainer.fresh_state(jax.random.PRNGKey(0))
+    emb = np.asarray(state.params["policy"]["model"]["embed_tokens"]["embedding"])
+    emb0 = np.asarray(p0["model"]["embed_tokens"]["embedding"])
+    old = n_tok - added
+    np.testing.assert_array_equal(emb[:old], emb0[:old])
+    np.testing.assert_allclose(emb[old:n_tok], np.broadcast_to(emb0[:old].mean(0), (added, emb.shape[1])),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(emb[n_tok:], emb0[n_tok:])
+    q = lambda p: np.asarray(p["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"])
+    np.testing.assert_array_equal(q(state.params["policy"]), q(p0))
+    np.testing.assert_array_equal(q(state.ref_params), q(p0))
+    np.testing.assert_array_equal(q(state.params["value"]), q(p0))
+
+
+def test_rollout_in_tokenizer_ids_rescored_exactly_and_padded_rows_never_sampled(trainer):
+    """The trajectory holds the ids the model sampled; the trainer's log-probs of those ids
+    equal the sampler's. Padded embedding rows get huge logits and are still never sampled:
+    the logits stop at ``vocab_limit``."""
+    state = trainer.fresh_state(jax.random.PRNGKey(1))
+    pol = state.params["policy"]
+    limit = trainer.model_cfg.vocab_limit
+    w = pol["lm_head"]["kernel"]
+    pol = dict(pol, lm_head={"kernel": w.at[:, limit:].set(50.0)})
+    traj = jax.jit(lambda p, k: trainer.context.sample(
+        trainer, p, k, num_groups=4, group_size=2))(pol, jax.random.PRNGKey(2))
+    mask = np.asarray(traj.loss_mask)
+    assert mask.sum() > 40
+    toks = np.asarray(traj.tokens)
+    assert toks[mask].max() < limit and toks.min() >= 0
+    logp, _ = jax.jit(trainer.logprobs)(pol, traj.tokens, traj.valid)
+    np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(traj.behaviour_logp)[mask],
+                               atol=2e-5)
+    # the observations hold the env's rendered ids (chat pieces included)
+    obs = toks[np.asarray(traj.valid) & ~mask & (np.asarray(traj.turn_ids) >= 0)]
+    assert set(trainer.pretrained.bridge.obs_suffix) <= set(obs.tolist())
+
+
+def test_updates_run_and_metrics_are_finite(trainer):
+    state = trainer.init(jax.random.PRNGKey(0))
+    before = np.asarray(state.params["policy"]["lm_head"]["kernel"]).copy()
+    for _ in range(2):
+        state, m = trainer.update(state)
+    assert np.isfinite(float(m["loss"])) and float(m["mismatch/kl"]) < 1e-6
+    assert not np.array_equal(before, np.asarray(state.params["policy"]["lm_head"]["kernel"]))
+
+
+def test_bad_checkpoint_settings_give_one_line(ckpt, tmp_path):
+    cfg = tiny_config(ckpt)
+    for path, msg in [(tmp_path / "nope", "does not exist"), (tmp_path, "no config.json")]:
+        cfg.model.hf_checkpoint = str(path)
+        with pytest.raises(ConfigError, match=f"config.model.hf_checkpoint: .*{msg}"):
+            check_config(cfg, 1)
+    (tmp_path / "config.json").write_text(json.loads(json.dumps("{}")))
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        check_config(cfg, 1)
+    cfg.model.hf_checkpoint = str(ckpt)
+    cfg.model.tags = "bytes"
+    with pytest.raises(ConfigError, match="config.model.tags = 'bytes'"):
+        check_config(cfg, 1)
+
+
+def test_unsupported_architecture_is_one_line(ckpt, tmp_path):
+    import shutil
+    from experiments.run import build_trainer
+    d = tmp_path / "gpt"
+    shutil.copytree(ckpt, d)
+    hf = json.loads((d / "config.json").read_text())
+    hf["architectures"] = ["GPT2LMHeadModel"]
+    (d / "config.json").write_text(json.dumps(hf))
+    cfg = tiny_config(d)
+    check_config(cfg, 1)
+    with pytest.raises(ConfigError, match="unsupported architecture.*GPT2LMHeadModel"):
+        build_trainer(cfg)
+
+
+def test_train_export_and_transformers_generate_the_same(ckpt, trainer, tmp_path, monkeypatch):
+    """experiments.train → experiments.export_hf → transformers: the exported policy's logits
+    equal ours within 1e-4 (float32) on the real token columns, and greedy generation from the
+    task prompt gives the ids our greedy rollout samples."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from experiments import run as run_lib
+    from experiments.export_hf import export_workdir
+
+    # one device, no mesh (the test process has eight: tests/conftest.py)
+    monkeypatch.setattr(run_lib, "check_config", lambda c: check_config(c, num_devices=1))
+    monkeypatch.setattr(run_lib, "make_mesh", lambda m: None)
+    monkeypatch.setattr(run_lib, "build_trainer", lambda c, mesh=None: trainer)  # compiled once
+
+    cfg = trainer.config
+    cfg.total_updates, cfg.eval_every, cfg.checkpoint_every = 1, 1, 1
+    res = run_lib.run_training(cfg, str(tmp_path / "wd"), progress=False)
+    out = tmp_path / "export"
+    summary = export_workdir(str(tmp_path / "wd"), str(out))
+    assert summary["step"] == 1 and summary["tokenizer"]
+    tr, state = res["trainer"], res["state"]
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) == tr.model_cfg.vocab_limit
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == \
+        list(tr.pretrained.bridge.stop_ids)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    # the prompt of one greedy eval episode, as ids
+    _, traj = tr.evaluate(state.params["policy"], jax.random.PRNGKey(5), episodes=1, greedy=True)
+    toks = np.asarray(traj.tokens[0])[np.asarray(traj.valid[0])]
+    mask = np.asarray(traj.loss_mask[0])[np.asarray(traj.valid[0])]
+    first = int(np.argmax(mask))
+    prompt = toks[:first].tolist()
+    assert tok.decode(prompt).startswith("<|im_start|>system")
+    with torch.no_grad():
+        theirs = hf(torch.tensor([toks.tolist()])).logits.numpy()[0]
+    ours = np.asarray(tr.policy.apply({"params": state.params["policy"]}, jnp.asarray([toks])))[0]
+    assert theirs.shape == ours.shape                  # padded rows are not exported
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    first_action = toks[first:][mask[first:].cumprod().astype(bool)].tolist()
+    gen = hf.generate(torch.tensor([prompt]), max_new_tokens=len(first_action), do_sample=False,
+                      eos_token_id=list(tr.pretrained.bridge.stop_ids), pad_token_id=0)
+    assert gen[0, len(prompt):].tolist() == first_action
