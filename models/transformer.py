@@ -129,7 +129,8 @@ class _Headed(nn.Module):
     ``write=False`` (out, (k_chunk, v_chunk)) for the caller to store; ``kv_len`` (static) limits
     the attention to cache slots [0, kv_len) (exact when kv_len >= max(cache.lengths));
     ``head_at`` (int32 [B]) applies the head at one position per row only: out [B, ...] (a
-    policy's [B, V] logits without the [B, T, V] buffer)."""
+    policy's [B, V] logits without the [B, T, V] buffer); ``hidden_only`` returns the trunk's
+    final hidden states [B, T, D] without the head (no cache)."""
     cfg: ModelConfig
 
     def head(self, trunk: Trunk, x):
@@ -137,7 +138,8 @@ class _Headed(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 valid=None, kv_len: int | None = None, write: bool = True, head_at=None):
+                 valid=None, kv_len: int | None = None, write: bool = True, head_at=None,
+                 hidden_only: bool = False):
         tokens, positions, seg = _prepare(self.cfg, tokens, positions, segment_ids, cache, valid)
         if kv_len is not None and (cache is None or isinstance(kv_len, bool)
                                    or not isinstance(kv_len, int)
@@ -146,6 +148,8 @@ class _Headed(nn.Module):
                              f"[1, max_len={None if cache is None else cache.max_len}]")
         trunk = Trunk(self.cfg, name="model")
         x, new_kv = trunk(tokens, positions, seg, cache, kv_len)
+        if hidden_only:             # the trunk's final hidden states (policy_hidden)
+            return x
         if head_at is not None:
             x = jnp.take_along_axis(x, jnp.asarray(head_at, jnp.int32)[:, None, None], axis=1)
             out = self.head(trunk, x)[:, 0]
@@ -230,7 +234,8 @@ def policy_hidden(model: nn.Module, params: dict, tokens, positions=None, segmen
                              "config's tie_embeddings changed?)")
         unembed = jnp.asarray(params["lm_head"]["kernel"])
     tokens, positions, seg = _prepare(cfg, tokens, positions, segment_ids, None, None)
-    hidden, _ = Trunk(cfg).apply({"params": params["model"]}, tokens, positions, seg, None)
+    # through the model itself, so that a wrapped model (LoRA: models.lora) applies its wrapping
+    hidden = model.apply({"params": params}, tokens, positions, seg, hidden_only=True)
     if cfg.vocab_limit is not None:
         unembed = unembed[:, :cfg.vocab_limit]
     return hidden, unembed.astype(cfg.compute_dtype)

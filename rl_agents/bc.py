@@ -106,6 +106,7 @@ def filter_dataset(ds: datasets.Dataset, *, success_only: bool = False,
 
 
 def sft_loss(model, params, tokens, valid, loss_mask):
+    """Mean −log π(token) over the ``loss_mask`` tokens (teacher forcing)."""
     logits = model.apply({"params": params}, tokens, segment_ids=valid.astype(jnp.int32))
     logp = losses.sequence_logprobs(logits, tokens)
     m = loss_mask.astype(jnp.float32)
@@ -116,13 +117,15 @@ BC_DECAYS = ("constant", "cosine")
 
 
 def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch_size: int,
-              lr: float, decay: str = "constant", verbose: bool = False) -> tuple[Any, dict]:
+              lr: float, decay: str = "constant", verbose: bool = False,
+              adapters_only: bool = False) -> tuple[Any, dict]:
     """Minibatch SFT: ``epochs`` passes, each one jitted ``lax.scan`` over shuffled batches
     (``len // batch_size`` Adam steps on ``sft_loss``, global-norm clip 1; the remainder of each
     epoch's permutation is dropped). ``decay``: "constant" keeps ``lr``; "cosine" anneals it as
     ``lr_k = lr · ½(1 + cos(π k / K))`` over all K = epochs · steps Adam steps (to 0 at the end;
     ``lr`` must then be a number, not a schedule). Returns
-    ``(params, {"bc/sft_loss": per-epoch mean loss})``."""
+    ``(params, {"bc/sft_loss": per-epoch mean loss})``. ``adapters_only``: train the LoRA
+    adapters of ``params`` only (``models.lora``), the base weights frozen."""
     epochs = _check_pos_int("epochs", epochs)
     batch_size = _check_pos_int("batch_size", batch_size)
     lr = _check_lr("lr", lr)
@@ -143,6 +146,13 @@ def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch
             raise ValueError("bc decay='cosine' needs a number lr, got a schedule")
         lr = optax.cosine_decay_schedule(lr, epochs * steps)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+    freeze = lambda p: p                                           # noqa: E731
+    if adapters_only:
+        from models import lora
+        opt = optax.multi_transform(
+            {"train": opt, "frozen": optax.set_to_zero()},
+            lambda p: jax.tree.map(lambda a: "train" if a else "frozen", lora.adapter_mask(p)))
+        freeze = lora.freeze_base
     data = {k: jnp.asarray(arrays[k]) for k in ("tokens", "valid", "loss_mask")}
 
     @jax.jit
@@ -152,8 +162,8 @@ def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch
         def step(carry, idx):
             params, opt_state = carry
             mb = jax.tree.map(lambda x: x[idx], data)
-            loss, grads = jax.value_and_grad(sft_loss, argnums=1)(
-                model, params, mb["tokens"], mb["valid"], mb["loss_mask"])
+            loss, grads = jax.value_and_grad(lambda p: sft_loss(
+                model, freeze(p), mb["tokens"], mb["valid"], mb["loss_mask"]))(params)
             updates, opt_state = opt.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -170,7 +180,8 @@ def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch
     return params, {"bc/sft_loss": history}
 
 
-def warm_start(env: Env, model, params, key: jax.Array, bc_cfg, verbose: bool = False):
+def warm_start(env: Env, model, params, key: jax.Array, bc_cfg, verbose: bool = False,
+               adapters_only: bool = False):
     """Collect ε-noisy oracle demos (``bc_cfg.episodes``, ``bc_cfg.epsilon``), optionally keep only
     successful ones (``bc_cfg.success_only``), and run SFT on them. Bad ``bc_cfg`` values raise
     a ValueError naming the field before any demo is collected."""
@@ -193,7 +204,8 @@ def warm_start(env: Env, model, params, key: jax.Array, bc_cfg, verbose: bool = 
         print(f"[bc] {len(ds)} demonstration episodes (ε={bc_cfg.epsilon}, demo success "
               f"{float(demos.success.mean()):.3f})", file=sys.stderr, flush=True)
     return sft_train(model, params, dataset_arrays(ds), k_sft, epochs=bc_cfg.epochs,
-                     batch_size=bc_cfg.batch_size, lr=bc_cfg.lr, decay=decay, verbose=verbose)
+                     batch_size=bc_cfg.batch_size, lr=bc_cfg.lr, decay=decay, verbose=verbose,
+                     adapters_only=adapters_only)
 
 
 def raft_select(traj: Trajectory, group_size: int) -> jax.Array:

@@ -568,7 +568,7 @@ class SupoContext:
     def batch(self, tr, state, traj: SupoTrajectory, row_weight) -> dict:
         ref_logp_fn = None
         if tr.config.rl.kl_coef > 0:
-            ref_logp_fn = lambda t, v: tr.logprobs(state.ref_params, t, v)[0]   # noqa: E731
+            ref_logp_fn = lambda t, v: tr.logprobs(tr.reference_policy(state), t, v)[0]   # noqa: E731
         return prepare_supo_batch(traj, row_weight, tr.algorithm.estimator,
                                   dict(tr.config.rl.advantage_kwargs), self.overlong_mask,
                                   ref_logp_fn=ref_logp_fn)

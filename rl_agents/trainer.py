@@ -57,6 +57,7 @@ import models
 from envs import vocab
 from envs.wrappers import tree_select
 from models.sharding import param_shardings_from_logical, put_global
+from models import lora as lora_lib
 from rl_agents import bc as bc_lib
 from rl_agents import dapo, losses
 from rl_agents import process_rewards as process_lib
@@ -131,7 +132,7 @@ class FullContext:
 
     def warm_start(self, tr: "Trainer", policy_params, key, *, verbose: bool = False):
         params, _ = bc_lib.warm_start(tr.env, tr.policy, policy_params, key, tr.config.bc,
-                                      verbose=verbose)
+                                      verbose=verbose, adapters_only=tr.lora is not None)
         return params
 
     def batch(self, tr: "Trainer", state: TrainState, traj: Trajectory, row_weight) -> dict:
@@ -205,7 +206,10 @@ class Trainer:
             self.model_cfg = self.pretrained.model_cfg
         else:
             self.model_cfg = model_config(config, self.env)
+        self.lora = lora_settings(config)              # (rank, alpha, targets) or None
         self.policy = models.PolicyModel(self.model_cfg)
+        if self.lora is not None:                      # adapters on the projections (qwix)
+            self.policy = lora_lib.apply_lora(self.policy, *self.lora)
         self.value_model = models.ValueModel(self.model_cfg) if self.algorithm.critic else None
         rl = config.rl
         self.policy_objective = losses.make_policy_loss(
@@ -226,6 +230,9 @@ class Trainer:
             optax.clip_by_global_norm(o.grad_clip),
             optax.adamw(lr_schedule(o, config.total_updates * rl.epochs * rl.minibatches),
                         b1=0.9, b2=0.99, weight_decay=o.weight_decay))
+        if self.lora is not None:   # the policy's base weights are frozen: no moments, no step
+            self.optimizer = optax.multi_transform(
+                {"train": self.optimizer, "frozen": optax.set_to_zero()}, _lora_labels)
         # Reward source and process rewards (config.reward; absent = env reward only).
         rw = config.get("reward", None)
         self.reward_source = "env" if rw is None else rw.source
@@ -293,7 +300,9 @@ class Trainer:
                 shapes=nn.meta.unbox(boxed_prm_opt))
             extras["prm"] = {"params": param_sh["policy"], "opt_state": prm_opt_sh}
         state = TrainState(params=param_sh, opt_state=opt_sh,
-                           ref_params=param_sh["policy"] if self.keeps_reference else None,
+                           ref_params=(None if not self.keeps_reference else
+                                       lora_lib.adapters(param_sh["policy"]) if self.lora
+                                       else param_sh["policy"]),
                            key=rep, step=rep, **extras)
         if self.stage is not None:
             opt_sh, extra_sh = self.stage.shardings(self, boxed)
@@ -331,8 +340,20 @@ class Trainer:
         return self.config.rl.kl_coef > 0 or self.process_cfg is not None
 
     def _reference(self, params):
-        """A copy of the policy (own buffers: the update donates params), or None."""
-        return jax.tree.map(jnp.copy, params["policy"]) if self.keeps_reference else None
+        """A copy of the policy (own buffers: the update donates params), or None. With LoRA,
+        a copy of the adapters only: the reference shares the frozen base weights."""
+        if not self.keeps_reference:
+            return None
+        if self.lora is not None:
+            return jax.tree.map(jnp.copy, lora_lib.adapters(params["policy"]))
+        return jax.tree.map(jnp.copy, params["policy"])
+
+    def reference_policy(self, state: TrainState):
+        """The frozen reference policy's params (with LoRA: the state's base weights and the
+        reference adapters)."""
+        if self.lora is not None:
+            return lora_lib.with_adapters(state.params["policy"], state.ref_params)
+        return state.ref_params
 
     def _reward_extras(self, key, policy, *, train_rm: bool, verbose: bool = False) -> dict:
         """TrainState fields of the reward config: the learned RM's params (trained here on
@@ -378,15 +399,21 @@ class Trainer:
         k_pol, k_val = jax.random.split(key)
         if self.pretrained is not None:
             params = {"policy": jax.tree.map(jnp.array, self.pretrained.params)}
+            if self.lora is not None:
+                params["policy"] = lora_lib.add_adapters(self.policy, params["policy"], k_pol)
         else:
             params = {"policy": models.init_params(self.policy, k_pol)}
         if self.value_model is not None:
             value = models.init_params(self.value_model, k_val)
-            params["value"] = models.init_value_from_policy(params["policy"], value)
+            params["value"] = models.init_value_from_policy(self.policy_weights(params["policy"]),
+                                                            value)
         return params
 
     def policy_weights(self, policy_params) -> dict:
-        """The policy's full ``PolicyModel`` params as stored in the state (for export)."""
+        """Plain ``PolicyModel`` params of the policy (LoRA adapters merged: ``models.lora``),
+        for export and for the critic's trunk."""
+        if self.lora is not None:
+            return lora_lib.merge(policy_params, self.lora[0], self.lora[1])
         return policy_params
 
     def init(self, key, *, verbose: bool = False) -> TrainState:
@@ -398,7 +425,8 @@ class Trainer:
             params["policy"] = self.context.warm_start(self, params["policy"], k_bc,
                                                        verbose=verbose)
             if self.value_model is not None:
-                params["value"] = models.init_value_from_policy(params["policy"], params["value"])
+                params["value"] = models.init_value_from_policy(
+                    self.policy_weights(params["policy"]), params["value"])
         extras = self._reward_extras(key, params["policy"], train_rm=True, verbose=verbose)
         return self.place(self._new_state(params, self._reference(params), k_state, extras))
 
@@ -457,7 +485,7 @@ class Trainer:
             traj = rm_lib.relabel_with_learned_reward(self.rm_model, state.reward_params, traj)
             metrics["rollout/learned_return"] = traj.episode_return.mean()
         if self.process_cfg is not None:
-            ref_logp, _ = self.logprobs(state.ref_params, traj.tokens, traj.valid)
+            ref_logp, _ = self.logprobs(self.reference_policy(state), traj.tokens, traj.valid)
             traj, prm, pm = process_lib.apply_process_rewards(
                 traj, self.policy, prm, ref_logp, row_weight, optimizer=self.prm_optimizer,
                 temperature=self.sampling.temperature,
@@ -504,7 +532,7 @@ class Trainer:
         """log π_ref of the sampled tokens ``[B,T]`` when a KL term is on (``rl.kl_coef`` > 0),
         else None."""
         if self.config.rl.kl_coef > 0:
-            return self.logprobs(state.ref_params, traj.tokens, traj.valid)[0]
+            return self.logprobs(self.reference_policy(state), traj.tokens, traj.valid)[0]
         return None
 
     def advantages(self, state: TrainState, traj, row_weight) -> dict:
@@ -516,6 +544,8 @@ class Trainer:
         """``rl.policy_loss`` (PPO-clip by default) − entropy bonus (+ KL loss):
         ``(total, metrics)``."""
         rl = self.config.rl
+        if self.lora is not None:       # gradients reach the adapters only
+            policy_params = lora_lib.freeze_base(policy_params)
         logp, ent = self.logprobs(policy_params, mb["tokens"], mb["valid"])
         mask = mb["loss_mask"]
         pg, pg_metrics = self.policy_objective(logp, mb["old_logp"], mb["advantages"], mask,
@@ -603,6 +633,25 @@ class Trainer:
         traj = self.context.sample(self, policy_params, key, num_groups=episodes, group_size=1,
                                    eval_mode=True, sampling=sampling)
         return {**episode_metrics(traj, "eval"), **self.context.metrics(traj, "eval")}, traj
+
+
+def lora_settings(config):
+    """``(rank, alpha, targets)`` of ``config.model.lora`` (rank 0 or absent: None)."""
+    lc = config.model.get("lora", None)
+    if lc is None or int(lc.rank) == 0:
+        return None
+    targets = tuple(t.strip() for t in str(lc.targets).split(",") if t.strip())
+    lora_lib.check_lora(int(lc.rank), float(lc.alpha), targets)
+    return int(lc.rank), float(lc.alpha), targets
+
+
+def _lora_labels(params):
+    """optax labels: the policy's base weights "frozen", its adapters and everything else
+    (the critic) "train"."""
+    def label(tree, policy):
+        mask = lora_lib.adapter_mask(tree)
+        return jax.tree.map(lambda a: "train" if (a or not policy) else "frozen", mask)
+    return {k: label(v, k == "policy") for k, v in params.items()}
 
 
 def lr_schedule(optim, total_steps: int):

@@ -232,6 +232,23 @@ def check_hf_checkpoint(config, ctx):
     at = _get(config, "model.action_tokens")
     if at is not _MISSING and (not _is_int(at) or int(at) < 0 or int(at) == 1):
         return f"config.model.action_tokens must be 0 (automatic) or an int >= 2, got {at!r}"
+    rank = _get(config, "model.lora.rank")
+    if rank is not _MISSING:
+        if not _is_int(rank) or int(rank) < 0:
+            return f"config.model.lora.rank must be an int >= 0 (0: off), got {rank!r}"
+        alpha = _get(config, "model.lora.alpha")
+        if int(rank) > 0:
+            if not _is_num(alpha) or not float(alpha) > 0:
+                return f"config.model.lora.alpha must be > 0, got {alpha!r}"
+            from models.lora import TARGETS
+            targets = [t.strip() for t in str(_get(config, "model.lora.targets")).split(",")]
+            bad = [t for t in targets if t not in TARGETS]
+            if bad or not targets:
+                return (f"config.model.lora.targets = {_get(config, 'model.lora.targets')!r}: "
+                        f"{bad[0] if bad else '(empty)'} is not one of {', '.join(TARGETS)}")
+            if _get(config, "rl.algorithm") == "archer":
+                return ("config.model.lora.rank > 0 is not supported with rl.algorithm = "
+                        "'archer' (its stage trains the policy with its own optimizer)")
     if path is _MISSING or not path:
         return None
     if not isinstance(path, str):

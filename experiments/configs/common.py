@@ -38,7 +38,12 @@ def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collec
         # above in the symbol vocabulary. With a checkpoint, d_model..rope_theta are its own,
         # tags: env tags as added special tokens ("special") or plain text ("text"),
         # action_tokens: a turn's token budget in the tokenizer's ids (0: automatic).
-        hf_checkpoint="", tags="special", action_tokens=0))
+        hf_checkpoint="", tags="special", action_tokens=0,
+        # LoRA (models.lora, qwix): rank 0 = full fine-tuning; rank r > 0 trains adapters
+        # (α/r)·A·B on the listed projections, the policy's base weights frozen and shared
+        # with the reference policy; exports merge them.
+        lora=ml_collections.ConfigDict(dict(
+            rank=0, alpha=32.0, targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"))))
 
     c.rollout = ml_collections.ConfigDict(dict(
         num_groups=16, group_size=4, temperature=1.0, top_k=0, top_p=1.0, eval_episodes=256))

@@ -162,3 +162,43 @@ def test_train_export_and_transformers_generate_the_same(ckpt, trainer, tmp_path
     gen = hf.generate(torch.tensor([prompt]), max_new_tokens=len(first_action), do_sample=False,
                       eos_token_id=list(tr.pretrained.bridge.stop_ids), pad_token_id=0)
     assert gen[0, len(prompt):].tolist() == first_action
+
+
+def test_lora_trains_adapters_only_shares_the_base_and_exports_merged(ckpt, tmp_path):
+    """config.model.lora.rank > 0: BC and RL move the adapters only (base weights bit-equal to
+    the checkpoint's), the reference keeps a copy of the adapters only, and the export merges
+    them: transformers' logits equal the adapted policy's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from experiments.export_hf import trim_vocab
+    from models import lora
+    from rl_agents.pretrained import save_tokenizer
+
+    cfg = tiny_config(ckpt, "ppo", kl_coef=0.01)
+    cfg.model.lora.rank, cfg.model.lora.alpha = 4, 8.0
+    cfg.bc.episodes, cfg.bc.batch_size, cfg.bc.epochs = 8, 8, 1
+    tr = rl_agents.make_trainer(cfg)
+    state = tr.init(jax.random.PRNGKey(0))
+    _, p0 = models.load_hf_checkpoint(ckpt)
+    ad0 = {k: np.asarray(v) for k, v in lora.adapters(state.params["policy"]).items()}
+    assert set(state.ref_params) == set(ad0)              # no copy of the base weights
+    assert any(np.any(v != 0) for k, v in ad0.items() if k.endswith("lora_b']"))   # BC moved B
+    state, m = tr.update(state)
+    pol = state.params["policy"]
+    q = lambda p: np.asarray(p["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"])
+    np.testing.assert_array_equal(q(pol), q(p0))
+    for k, v in state.ref_params.items():
+        np.testing.assert_array_equal(np.asarray(v), ad0[k])
+    assert any(np.any(np.asarray(v) != ad0[k]) for k, v in lora.adapters(pol).items())
+    assert np.isfinite(float(m["loss"])) and float(m["policy/kl_ref"]) >= 0
+    out = tmp_path / "lora_export"
+    cfg_x, params_x = trim_vocab(tr.model_cfg, jax.device_get(tr.policy_weights(pol)))
+    models.save_hf_checkpoint(cfg_x, params_x, out)
+    save_tokenizer(tr.pretrained, out)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    toks = np.random.RandomState(0).randint(0, tr.model_cfg.vocab_limit, (2, 30))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(toks)).logits.numpy()
+    ours = np.asarray(tr.policy.apply({"params": pol}, jnp.asarray(toks)))
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
