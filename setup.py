@@ -3,11 +3,13 @@ from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
     "jax>=0.6.0",
-    "flax>=0.10.0",
+    "flax>=0.12.0",
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11.0",
     "chex>=0.1.88",
     "ml-collections>=1.0.0",
+    "qwix>=0.1.8",          # LoRA adapters (models.lora)
+    "tokenizers>=0.20",     # local tokenizer training (models.tokenizer_training)
     "transformers>=4.45",
     "safetensors>=0.4",
     "datasets>=3.0",
