@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import models
 from envs.base import Env
 from rl_agents import losses
 from rl_agents.rollout import Trajectory, oracle_policy, rollout, run_episodes
@@ -105,10 +106,17 @@ def filter_dataset(ds: datasets.Dataset, *, success_only: bool = False,
     return out
 
 
-def sft_loss(model, params, tokens, valid, loss_mask):
-    """Mean −log π(token) over the ``loss_mask`` tokens (teacher forcing)."""
-    logits = model.apply({"params": params}, tokens, segment_ids=valid.astype(jnp.int32))
-    logp = losses.sequence_logprobs(logits, tokens)
+def sft_loss(model, params, tokens, valid, loss_mask, logprob_chunk: int = 0):
+    """Mean −log π(token) over the ``loss_mask`` tokens (teacher forcing). ``logprob_chunk``
+    c > 0: T-chunked log-probs as in the RL loss (``losses.chunked_sequence_logprobs``: no
+    [B,T,V] logits, for real vocabularies); 0: the full logits."""
+    seg = valid.astype(jnp.int32)
+    if logprob_chunk:
+        hidden, unembed = models.policy_hidden(model, params, tokens, segment_ids=seg)
+        logp = losses.chunked_sequence_logprobs(hidden, unembed, tokens, logprob_chunk)
+    else:
+        logp = losses.sequence_logprobs(model.apply({"params": params}, tokens, segment_ids=seg),
+                                        tokens)
     m = loss_mask.astype(jnp.float32)
     return -(logp * m).sum() / jnp.maximum(m.sum(), 1.0)
 
@@ -118,14 +126,15 @@ BC_DECAYS = ("constant", "cosine")
 
 def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch_size: int,
               lr: float, decay: str = "constant", verbose: bool = False,
-              adapters_only: bool = False) -> tuple[Any, dict]:
+              adapters_only: bool = False, logprob_chunk: int = 0) -> tuple[Any, dict]:
     """Minibatch SFT: ``epochs`` passes, each one jitted ``lax.scan`` over shuffled batches
     (``len // batch_size`` Adam steps on ``sft_loss``, global-norm clip 1; the remainder of each
     epoch's permutation is dropped). ``decay``: "constant" keeps ``lr``; "cosine" anneals it as
     ``lr_k = lr · ½(1 + cos(π k / K))`` over all K = epochs · steps Adam steps (to 0 at the end;
     ``lr`` must then be a number, not a schedule). Returns
     ``(params, {"bc/sft_loss": per-epoch mean loss})``. ``adapters_only``: train the LoRA
-    adapters of ``params`` only (``models.lora``), the base weights frozen."""
+    adapters of ``params`` only (``models.lora``), the base weights frozen; ``logprob_chunk``:
+    see ``sft_loss``."""
     epochs = _check_pos_int("epochs", epochs)
     batch_size = _check_pos_int("batch_size", batch_size)
     lr = _check_lr("lr", lr)
@@ -163,7 +172,8 @@ def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch
             params, opt_state = carry
             mb = jax.tree.map(lambda x: x[idx], data)
             loss, grads = jax.value_and_grad(lambda p: sft_loss(
-                model, freeze(p), mb["tokens"], mb["valid"], mb["loss_mask"]))(params)
+                model, freeze(p), mb["tokens"], mb["valid"], mb["loss_mask"],
+                logprob_chunk))(params)
             updates, opt_state = opt.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -205,7 +215,8 @@ def warm_start(env: Env, model, params, key: jax.Array, bc_cfg, verbose: bool = 
               f"{float(demos.success.mean()):.3f})", file=sys.stderr, flush=True)
     return sft_train(model, params, dataset_arrays(ds), k_sft, epochs=bc_cfg.epochs,
                      batch_size=bc_cfg.batch_size, lr=bc_cfg.lr, decay=decay, verbose=verbose,
-                     adapters_only=adapters_only)
+                     adapters_only=adapters_only,
+                     logprob_chunk=int(bc_cfg.get("logprob_chunk", 0)))
 
 
 def raft_select(traj: Trajectory, group_size: int) -> jax.Array:

@@ -74,7 +74,8 @@ def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collec
                                              final_lr_fraction=0.0, grad_clip=1.0, weight_decay=0.0))
     c.bc = ml_collections.ConfigDict(dict(
         episodes=2048, epsilon=0.2, success_only=False, epochs=4, batch_size=64, lr=2e-3,
-        decay="constant"))   # BC lr: "constant" or "cosine" (annealed to 0 over all BC steps)
+        decay="constant",    # BC lr: "constant" or "cosine" (annealed to 0 over all BC steps)
+        logprob_chunk=0))    # T-chunked SFT log-probs (0: full [B,T,V] logits; 128 for real vocabularies)
     # Reward source: the env's reward, or a learned Bradley–Terry reward model (trained on
     # oracle-vs-perturbed preference pairs at init, or loaded from rm_checkpoint); optional
     # PRIME implicit process rewards with the Clip / Delta transforms.

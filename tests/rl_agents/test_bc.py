@@ -354,6 +354,19 @@ def test_sft_loss_matches_numpy(gn, gn_demos, half_trained):
     assert float(SFT_LOSS(model, params, tokens, valid, empty)) == 0.0
 
 
+def test_chunked_sft_loss_equals_the_full_logits_one(gn, gn_demos):
+    """bc.logprob_chunk > 0 (no [B,T,V] logits) gives the same loss and gradient as the full
+    logits, for chunks that do and do not divide T−1."""
+    env, model, params = gn
+    args = [jnp.asarray(getattr(gn_demos, c)[:6]) for c in ("tokens", "valid", "loss_mask")]
+    full, g_full = jax.value_and_grad(lambda p: bc.sft_loss(model, p, *args))(params)
+    for chunk in (7, 128):
+        got, g = jax.value_and_grad(lambda p: bc.sft_loss(model, p, *args, chunk))(params)
+        assert float(got) == pytest.approx(float(full), rel=1e-6)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_full)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
 def test_sft_train_full_batch_step_is_one_clipped_adam_step(gn, gn_demos):
     """epochs = 1, batch_size = N: one Adam step from zero moments on the clipped gradient of
     the token-mean loss over all N rows: Δθ = −lr · ĝ / (|ĝ| + 1e-8), ĝ = g · min(1, 1/‖g‖)."""
