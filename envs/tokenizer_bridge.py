@@ -369,9 +369,10 @@ def _row_length(row: jax.Array) -> jax.Array:
 
 
 class BridgedEnv(Env):
-    """``env`` in the tokenizer's ids (see the module docstring). Observations: int32
-    [obs_len] (the chat pieces around the rendered observation, -1 after); actions: int32
-    [action_len] model ids, -1 after (the rollout stops a turn at any of ``stop_ids``)."""
+    """``env`` in the tokenizer's ids (see the module docstring). The prompt: int32
+    [prompt_len]; observations: int32 [obs_len] (the chat pieces around the rendered
+    observation, -1 after); actions: int32 [action_len] model ids, -1 after (the rollout stops
+    a turn at any of ``stop_ids``)."""
 
     fill_id = FILL
     fill_ends_action = False
@@ -384,8 +385,10 @@ class BridgedEnv(Env):
         self.stop_ids = bridge.stop_ids
         r = bridge.max_render
         self._render_len = env.obs_len * r
-        self.obs_len = max(len(bridge.prompt_prefix) + len(bridge.prompt_suffix),
-                           len(bridge.obs_prefix) + len(bridge.obs_suffix)) + self._render_len
+        # the prompt (system / user header ... assistant header) and each observation (user
+        # turn) have their own row lengths
+        self.prompt_len = len(bridge.prompt_prefix) + len(bridge.prompt_suffix) + self._render_len
+        self.obs_len = len(bridge.obs_prefix) + len(bridge.obs_suffix) + self._render_len
         need = (env.action_len - 1) * r + 1
         if action_tokens is None:
             action_tokens = need
@@ -397,13 +400,19 @@ class BridgedEnv(Env):
     def unwrapped(self) -> Env:
         return self.env
 
-    def _render_obs(self, row, prefix, suffix):
+    @property
+    def max_episode_tokens(self) -> int:
+        return self.prompt_len + self.max_turns * (self.action_len + self.obs_len)
+
+    def _render_obs(self, row, prefix, suffix, length):
         ids, n = render_symbols(self.bridge, row, _row_length(row), self._render_len)
-        return _place([prefix, (ids, n), suffix], self.obs_len)
+        return _place([prefix, (ids, n), suffix], length)
 
     def reset(self, key):
+        """The task prompt as int32 [prompt_len] (not obs_len) ids, -1 after."""
         state, ts = self.env.reset(key)
-        obs = self._render_obs(ts.observation, self.bridge.prompt_prefix, self.bridge.prompt_suffix)
+        obs = self._render_obs(ts.observation, self.bridge.prompt_prefix, self.bridge.prompt_suffix,
+                               self.prompt_len)
         return state, ts.replace(observation=obs)
 
     def env_action(self, action):
@@ -412,7 +421,8 @@ class BridgedEnv(Env):
 
     def step(self, state, action):
         state, ts = self.env.step(state, self.env_action(action))
-        obs = self._render_obs(ts.observation, self.bridge.obs_prefix, self.bridge.obs_suffix)
+        obs = self._render_obs(ts.observation, self.bridge.obs_prefix, self.bridge.obs_suffix,
+                               self.obs_len)
         return state, ts.replace(observation=obs)
 
     def render_action(self, action_symbols):

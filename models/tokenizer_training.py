@@ -9,7 +9,8 @@ a turn and the EOS) and Qwen2's ChatML chat template. ``pretokenize``:
 
 - ``"symbols"``: every non-space character, with the space before it, is its own pre-token
   (``" 1"``, ``"2"``, ``" +"``): merges never cross characters, so the tokenizer is canonical
-  for text written symbol by symbol (``envs.tokenizer_bridge`` renders exactly that);
+  for text written symbol by symbol (``envs.tokenizer_bridge`` renders exactly that); a word
+  ending a line (the chat template's ``user\n``, ``assistant\n``) is one pre-token;
 - ``"words"``: the GPT-2 regex (runs of letters, of digits, of punctuation, each with its
   leading space): merges inside words and numbers, as in real checkpoints; the bridge's
   rendering then differs from ``encode`` on multi-digit numbers (it warns), and generated
@@ -27,6 +28,7 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+chat_words = "system\nYou are a helpful assistant.\nuser\nassistant\n"
 PRETOKENIZE = ("symbols", "words")
 
 
@@ -44,7 +46,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, pretokenize: st
     tok = Tokenizer(models.BPE())
     if pretokenize == "symbols":
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(r" ?\S"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(r"[A-Za-z]+\n| ?\S|\s"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -52,6 +54,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, pretokenize: st
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(list(texts), trainer)
+    texts = list(texts)
+    # the chat template's own words ("system", "user", "assistant", ...), as often as the task
+    # texts, so that they merge into whole tokens as in a real tokenizer
+    if chat_template:
+        texts += [chat_words] * max(1, len(texts) // 4)
+    tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", chat_template=chat_template)

@@ -213,7 +213,7 @@ def run_episodes(env: Env, policy: TurnPolicy, key: jax.Array, num_groups: int,
     pstate = policy.init(prompt, prompt_valid)
 
     def turn(carry, turn_key):
-        env_state, pstate, done, seen_obs = carry
+        env_state, pstate, done, seen_hash = carry
         active = ~done
         out, pstate = policy.act(pstate, env_state, active, turn_key)
         action = jnp.where(out.action_valid, out.action, env.fill_id)
@@ -225,15 +225,16 @@ def run_episodes(env: Env, policy: TurnPolicy, key: jax.Array, num_groups: int,
         record = dict(
             action=action, action_valid=out.action_valid & active[:, None],
             logp=jnp.where(out.action_valid, out.logp, 0.0), obs=obs, obs_valid=obs_valid,
-            reward=reward, active=active, obs_hash=hash_tokens(seen_obs),
+            reward=reward, active=active, obs_hash=seen_hash,
             format_error=ts.info["format_error"] & active, success=ts.info["success"] & active,
             terminated=ts.terminated & active, truncated=ts.truncated & active)
         new_done = done | (active & ts.done)
-        seen_obs = jnp.where(active[:, None], obs, seen_obs)
-        return (new_state, pstate, new_done, seen_obs), record
+        # the observation the next turn acts on (the prompt before the first turn)
+        seen_hash = jnp.where(active, hash_tokens(obs), seen_hash)
+        return (new_state, pstate, new_done, seen_hash), record
 
     done0 = jnp.zeros((b,), bool)
-    _, rec = jax.lax.scan(turn, (env_state, pstate, done0, prompt),
+    _, rec = jax.lax.scan(turn, (env_state, pstate, done0, hash_tokens(prompt)),
                           jax.random.split(k_act, env.max_turns))
     rec = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), rec)   # [B, K, ...]
     return assemble_trajectory(env, prompt, prompt_valid, rec, group_ids)

@@ -49,9 +49,13 @@ def test_quickstart_notebook_executes(tmp_path):
     assert "final greedy success rate" in texts
     images = [o for c in code for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2                                   # success rate and loss curves
-    episode = _text(code[-1])
+    episode = _text(code[-2])
     assert "greedy success on 8 new tasks" in episode
     assert len(episode.strip().splitlines()) >= 4             # the rendered prompt and turns
+    byo = _text(code[-1])                                    # the offline own-model chain
+    assert "RL through model.hf_checkpoint: final greedy success" in byo
+    assert "'tokenizer': True" in byo
+    assert (tmp_path / "quickstart_byo" / "export" / "tokenizer.json").is_file()
     rows = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and "eval/success_rate" in rows[-1]
     assert (workdir / "plots" / "success_rate.png").is_file()
