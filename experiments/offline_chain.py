@@ -36,7 +36,7 @@ FRESH_KEY = 424242            # the evaluation episodes: drawn by no training or
 
 
 def make_pretrained(env_name: str, out: str, *, env_kwargs: dict | None = None,
-                    sft_episodes: int = 256, epsilon: float = 0.5, sft_epochs: int = 2,
+                    sft_episodes: int = 1024, epsilon: float = 0.4, sft_epochs: int = 4,
                     vocab_size: int = 512, d_model: int = 128, n_layers: int = 2,
                     seed: int = 0, verbose: bool = True) -> dict:
     """Steps 1-3: tokenizer, SFT from scratch, ``save_pretrained`` into ``out``."""
@@ -108,7 +108,7 @@ def check_export(workdir: str, out: str) -> dict:
 
 
 def run_chain(out: str, *, env_name: str = "guess_number", seeds=(0, 1, 2), updates: int = 60,
-              sft_episodes: int = 256, epsilon: float = 0.5, sft_epochs: int = 2,
+              sft_episodes: int = 1024, epsilon: float = 0.4, sft_epochs: int = 4,
               eval_episodes: int = 1024, set_overrides: dict | None = None,
               verbose: bool = True) -> dict:
     from experiments.configs import load
@@ -166,9 +166,9 @@ def main(argv=None):
     ap.add_argument("--env", default="guess_number")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--updates", type=int, default=60)
-    ap.add_argument("--sft_episodes", type=int, default=256)
-    ap.add_argument("--sft_epochs", type=int, default=2)
-    ap.add_argument("--epsilon", type=float, default=0.5)
+    ap.add_argument("--sft_episodes", type=int, default=1024)
+    ap.add_argument("--sft_epochs", type=int, default=4)
+    ap.add_argument("--epsilon", type=float, default=0.4)
     ap.add_argument("--eval_episodes", type=int, default=1024)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the RL runs, e.g. --set rollout.temperature=0.5")

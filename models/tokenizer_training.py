@@ -14,7 +14,9 @@ a turn and the EOS) and Qwen2's ChatML chat template. ``pretokenize``:
 - ``"words"``: the GPT-2 regex (runs of letters, of digits, of punctuation, each with its
   leading space): merges inside words and numbers, as in real checkpoints; the bridge's
   rendering then differs from ``encode`` on multi-digit numbers (it warns), and generated
-  merged tokens still parse.
+  merged tokens still parse;
+- ``"metaspace"``: SentencePiece-style (Llama-2): spaces become ``▁``, a ``▁`` is prepended
+  to the text, words split at spaces; the alphabet is the corpus's characters, not bytes.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 chat_words = "system\nYou are a helpful assistant.\nuser\nassistant\n"
-PRETOKENIZE = ("symbols", "words")
+PRETOKENIZE = ("symbols", "words", "metaspace")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, pretokenize: str = "symbols",
@@ -43,18 +45,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, pretokenize: st
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 260:
         raise ValueError(f"vocab_size must be an int >= 260 (256 bytes + specials), got "
                          f"{vocab_size!r}")
+    texts = list(texts)
     tok = Tokenizer(models.BPE())
     if pretokenize == "symbols":
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(r"[A-Za-z]+\n| ?\S|\s"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:
+    elif pretokenize == "words":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = (decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+                   if pretokenize == "metaspace" else decoders.ByteLevel())
+    alphabet = (pre_tokenizers.ByteLevel.alphabet() if pretokenize != "metaspace"
+                 else sorted(set("".join(texts)) | set(chat_words) | {"\u2581"}))
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    texts = list(texts)
+                                  initial_alphabet=alphabet, show_progress=False)
     # the chat template's own words ("system", "user", "assistant", ...), as often as the task
     # texts, so that they merge into whole tokens as in a real tokenizer
     if chat_template:

@@ -53,6 +53,26 @@ def test_rendered_texts_equal_the_tokenizers_encoding_when_canonical(canonical_t
     assert rep["checked"] > 16 and rep["canonical_fraction"] == 1.0, rep["example"]
 
 
+def _own_encodings_parse(tok, inner, env, turns: int = 3) -> int:
+    """Every oracle action, encoded by the tokenizer itself (+ the stop id), parses to the env's
+    action row; returns how many encodings were shorter than their symbol count (merges)."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 32)
+    state, _ = jax.vmap(inner.reset)(keys)
+    parse = jax.jit(env.env_action)
+    n_merged = 0
+    for t in range(turns):
+        acts = np.asarray(jax.vmap(inner.oracle_action)(state, keys))
+        for a in acts:
+            body = a[: list(a).index(vocab.EOS)]
+            ids = _encode(tok, vocab.decode(body)) + [env.bridge.end_of_turn]
+            n_merged += len(ids) - 1 < len(body)
+            row = np.full(env.action_len, -1, np.int32)
+            row[: len(ids)] = ids
+            np.testing.assert_array_equal(np.asarray(parse(jnp.asarray(row))), a)
+        state, _ = jax.vmap(inner.step)(state, jnp.asarray(acts))
+    return n_merged
+
+
 def test_a_merging_tokenizer_warns_and_its_own_encodings_still_parse(merging_tok):
     """GPT-2-style pre-tokenization merges digit runs ("12" one token): the bridge warns that
     its renderings differ, and the tokenizer's own encoding of every oracle action (what a model
@@ -66,21 +86,22 @@ def test_a_merging_tokenizer_warns_and_its_own_encodings_still_parse(merging_tok
         rep = tb.warn_if_not_canonical(env, tok, episodes=16)
     assert rep["canonical_fraction"] < 1.0
     assert any("differ from the tokenizer's own encoding" in str(x.message) for x in w)
-    keys = jax.random.split(jax.random.PRNGKey(0), 32)
-    state, _ = jax.vmap(inner.reset)(keys)
-    parse = jax.jit(env.env_action)
-    n_merged = 0
-    for t in range(3):
-        acts = np.asarray(jax.vmap(inner.oracle_action)(state, keys))
-        for a in acts:
-            body = a[: list(a).index(vocab.EOS)]
-            ids = _encode(tok, vocab.decode(body)) + [env.bridge.end_of_turn]
-            n_merged += len(ids) - 1 < len(body)
-            row = np.full(env.action_len, -1, np.int32)
-            row[: len(ids)] = ids
-            np.testing.assert_array_equal(np.asarray(parse(jnp.asarray(row))), a)
-        state, _ = jax.vmap(inner.step)(state, jnp.asarray(acts))
-    assert n_merged > 0          # the test saw merged tokens
+    assert _own_encodings_parse(tok, inner, env) > 0     # the test saw merged tokens
+
+
+def test_a_sentencepiece_style_tokenizer(corpus):
+    """Metaspace (Llama-2 style: '▁' for spaces, a prefix '▁'): the tokenizer's own encodings
+    of oracle actions parse, and rendered observations decode to the env's text up to spaces."""
+    tok = train_tokenizer(corpus, 400, pretokenize="metaspace")
+    inner = envs.make("kv_search")
+    env = tb.BridgedEnv(inner, tb.build_bridge(tok, None))
+    _own_encodings_parse(tok, inner, env, turns=2)
+    state, ts = inner.reset(jax.random.PRNGKey(4))
+    _, bts = jax.jit(env.reset)(jax.random.PRNGKey(4))
+    ids = _ids(bts.observation)
+    n_pre, n_suf = len(env.bridge.prompt_prefix), len(env.bridge.prompt_suffix)
+    text = tok.decode(ids[n_pre: len(ids) - n_suf])
+    assert text.split() and "".join(text.split()) == "".join(vocab.decode(ts.observation).split())
 
 
 def test_plain_text_tags_parse_and_render(canonical_tok):
