@@ -377,8 +377,10 @@ class BridgedEnv(Env):
     fill_id = FILL
     fill_ends_action = False
 
-    def __init__(self, env: Env, bridge: TokenizerBridge, action_tokens: int | None = None):
+    def __init__(self, env: Env, bridge: TokenizerBridge, action_tokens: int | None = None,
+                 tokenizer: Any = None):
         self.env, self.bridge = env, bridge
+        self.tokenizer = tokenizer            # optional: for readable episode text (logs)
         self.name = env.name
         self.max_turns = env.max_turns
         self.format_penalty = env.format_penalty

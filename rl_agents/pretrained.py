@@ -82,7 +82,7 @@ def load_pretrained(model_config, env: Env, *, max_seq_len: int | None = None) -
     stop_ids = tb.stop_ids_from(path, tokenizer)
     bridge = tb.build_bridge(tokenizer, stop_ids, tags=model_config.get("tags", "special"))
     action_tokens = int(model_config.get("action_tokens", 0)) or None
-    benv = tb.BridgedEnv(env, bridge, action_tokens=action_tokens)
+    benv = tb.BridgedEnv(env, bridge, action_tokens=action_tokens, tokenizer=tokenizer)
     knobs = {k: model_config[k] for k in RUN_KNOBS if k in model_config}
     cfg, params = models.load_hf_checkpoint(path, **knobs)
     arch = config_from_hf(json.loads(Path(path, "config.json").read_text()))[1]

@@ -297,6 +297,11 @@ def render_trajectory(env: Env, traj: Trajectory, row: int) -> str:
     valid = np.asarray(traj.valid[row])
     toks = np.asarray(traj.tokens[row])[valid]
     mask = np.asarray(traj.loss_mask[row])[valid]
+    tokenizer = getattr(env, "tokenizer", None)
+    if tokenizer is not None:      # a tokenizer-bridged env: the episode as the model saw it
+        return (f"{env.name} episode ({len(toks)} tokens, {int(traj.episode_length[row])} turns, "
+                f"return {float(traj.episode_return[row]):+.2f})\n"
+                + tokenizer.decode([int(t) for t in toks]))
     turn_ids = np.asarray(traj.turn_ids[row])[valid]
     n = int(traj.episode_length[row])
     acts = np.full((n, env.action_len), vocab.PAD, np.int32)

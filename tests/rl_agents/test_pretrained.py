@@ -76,6 +76,9 @@ def test_rollout_in_tokenizer_ids_rescored_exactly_and_padded_rows_never_sampled
     logp, _ = jax.jit(trainer.logprobs)(pol, traj.tokens, traj.valid)
     np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(traj.behaviour_logp)[mask],
                                atol=2e-5)
+    from rl_agents.rollout import render_trajectory
+    text = render_trajectory(trainer.env, traj, 0)
+    assert "<|im_start|>assistant" in text and "<|im_start|>user\n<obs>" in text
     # the observations hold the env's rendered ids (chat pieces included)
     obs = toks[np.asarray(traj.valid) & ~mask & (np.asarray(traj.turn_ids) >= 0)]
     assert set(trainer.pretrained.bridge.obs_suffix) <= set(obs.tolist())
