@@ -216,7 +216,7 @@ def warm_start(env: Env, model, params, key: jax.Array, bc_cfg, verbose: bool = 
     return sft_train(model, params, dataset_arrays(ds), k_sft, epochs=bc_cfg.epochs,
                      batch_size=bc_cfg.batch_size, lr=bc_cfg.lr, decay=decay, verbose=verbose,
                      adapters_only=adapters_only,
-                     logprob_chunk=int(bc_cfg.get("logprob_chunk", 0)))
+                     logprob_chunk=int(getattr(bc_cfg, "logprob_chunk", 0)))
 
 
 def raft_select(traj: Trajectory, group_size: int) -> jax.Array:

@@ -563,7 +563,8 @@ def test_warm_start_is_collect_filter_sft(gn, noisy_demos, monkeypatch):
     succ = np.asarray(demos.success)
     assert 0.05 < succ.mean() < 0.5
     arrays, k_sft, kw = calls["sft"]
-    assert kw == dict(epochs=2, batch_size=8, lr=1e-2, decay="constant", verbose=False)
+    assert kw == dict(epochs=2, batch_size=8, lr=1e-2, decay="constant", verbose=False,
+                      adapters_only=False, logprob_chunk=0)
     np.testing.assert_array_equal(np.asarray(k_sft), np.asarray(k2))
     for c in bc.DATASET_COLUMNS:      # exactly the successful demos, in order
         np.testing.assert_array_equal(arrays[c], np.asarray(getattr(demos, c))[succ], err_msg=c)

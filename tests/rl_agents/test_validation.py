@@ -185,6 +185,28 @@ def test_optim():
     assert _err(c) == "config.optim.grad_clip must be >= 0, got -1.0"
 
 
+def test_model_checkpoint_tags_and_lora_settings(tmp_path):
+    c = base_config()
+    c.model.hf_checkpoint = str(tmp_path / "none")
+    assert _err(c) == (f"config.model.hf_checkpoint: directory {str(tmp_path / 'none')!r} "
+                       f"does not exist")
+    c = base_config()
+    c.model.tags = "bytes"
+    assert _err(c) == "config.model.tags = 'bytes' is not one of special, text"
+    c = base_config()
+    c.model.action_tokens = 1
+    assert "config.model.action_tokens must be 0 (automatic) or an int >= 2" in _err(c)
+    c = base_config()
+    c.model.lora = ml_collections.ConfigDict(dict(rank=-1, alpha=8.0, targets="q_proj"))
+    assert "config.model.lora.rank must be an int >= 0" in _err(c)
+    c.model.lora.rank, c.model.lora.targets = 4, "q_proj,lm_head"
+    assert "config.model.lora.targets = 'q_proj,lm_head': lm_head is not one of" in _err(c)
+    c.model.lora.targets, c.model.lora.alpha = "q_proj", 0.0
+    assert _err(c) == "config.model.lora.alpha must be > 0, got 0.0"
+    c.model.lora.alpha, c.rl.algorithm = 8.0, "archer"
+    assert "not supported with rl.algorithm = 'archer'" in _err(c)
+
+
 def test_every_check_is_exercised():
     # Guard against adding a check without a test: each name appears in this file.
     import inspect
@@ -198,7 +220,8 @@ def test_every_check_is_exercised():
              "check_minibatches": "rl.minibatches", "check_heads": "n_kv_heads",
              "check_dtypes": "not a known dtype", "check_attention_impl": "attention_impl",
              "check_temperature": "temperature", "check_top_p": "top_p", "check_optim": "optim.lr",
-             "check_env_name": "registered environment"}
+             "check_env_name": "registered environment",
+             "check_hf_checkpoint": "hf_checkpoint"}
     for check in CHECKS:
         name = check.__name__ if not check.__name__.startswith("check_ints") else None
         if name is not None:
