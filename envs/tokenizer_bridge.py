@@ -53,6 +53,7 @@ from envs.base import Env
 
 TAG_MODES = ("special", "text")
 FILL = -1                      # the bridged env's fill value: not a token id
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")   # one of them must exist
 _KIND = np.array([0 if t in vocab.SPECIALS else 1 if t in vocab.DIGITS else
                   2 if t in vocab.LETTERS else 3 for t in vocab.TOKENS], np.int32)
 _TAGS = tuple(t for t in vocab.SPECIALS if t not in ("<pad>", "<eos>"))
@@ -77,7 +78,6 @@ class TokenizerBridge:
     vocab_limit: int           # len(tokenizer): ids the model may produce
     tags: str
     added_tokens: tuple        # tags added to the tokenizer as special tokens
-    tag_ids: dict              # tag text -> id, for tags that are single tokens
 
     @property
     def max_render(self) -> int:
@@ -91,9 +91,9 @@ def load_tokenizer(path):
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    known = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-    if not any((path / f).exists() for f in known):
-        raise FileNotFoundError(f"no tokenizer files in {path} (looked for {', '.join(known)})")
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer files in {path} (looked for "
+                                f"{', '.join(TOKENIZER_FILES)})")
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -231,14 +231,11 @@ def build_bridge(tokenizer, stop_ids: Sequence[int] | None = None, tags: str = "
     parse_ids = np.full((v, p), vocab.PAD, np.int32)
     parse_len = np.full((v,), -1, np.int32)
     special = set(tok.all_special_ids)
-    tag_ids = {}
     for i in range(v):
         if i in stop_ids:
             parse_ids[i, 0], parse_len[i] = vocab.EOS, 1
             continue
         text = tok.convert_ids_to_tokens(i)
-        if text in vocab.TOKEN_TO_ID and text.startswith("<"):
-            tag_ids[text] = i
         if i in special and text not in vocab.TOKEN_TO_ID:
             continue                                   # chat / control tokens: unparseable
         syms = _parse_text(tok.decode([i]))
@@ -247,8 +244,7 @@ def build_bridge(tokenizer, stop_ids: Sequence[int] | None = None, tags: str = "
         parse_ids[i, :len(syms)] = syms
         parse_len[i] = len(syms)
     return TokenizerBridge(render_ids, render_len, parse_ids, parse_len, tuple(pp), tuple(ps),
-                           tuple(op), tuple(os_), stop_ids, int(eot), v, tags, tuple(added),
-                           tag_ids)
+                           tuple(op), tuple(os_), stop_ids, int(eot), v, tags, tuple(added))
 
 
 def init_new_rows(table: np.ndarray, old_rows: int, new_rows: int) -> np.ndarray:
@@ -489,16 +485,6 @@ def warn_if_not_canonical(env: BridgedEnv, tokenizer, **kw) -> dict:
             f"rendered {ours}, tokenizer.encode {theirs}); the model sees the rendered ids, which "
             f"decode to the same text", stacklevel=2)
     return rep
-
-
-def bridge_summary(bridge: TokenizerBridge) -> dict[str, Any]:
-    """A JSON-able description (logged with the run)."""
-    return {"vocab_limit": bridge.vocab_limit, "stop_ids": list(bridge.stop_ids),
-            "end_of_turn": bridge.end_of_turn, "tags": bridge.tags,
-            "added_tokens": list(bridge.added_tokens), "max_render": bridge.max_render,
-            "parseable_ids": int((bridge.parse_len >= 0).sum()),
-            "prompt_prefix": list(bridge.prompt_prefix), "obs_prefix": list(bridge.obs_prefix),
-            "obs_suffix": list(bridge.obs_suffix)}
 
 
 def oracle_texts(env: Env, episodes: int = 64, seed: int = 0) -> list[str]:

@@ -41,27 +41,13 @@ def trim_vocab(cfg, params: dict):
     return cfg.replace(vocab_size=n, vocab_limit=None), out
 
 
-def export_workdir(workdir: str, out: str, step: int | None = None) -> dict:
-    """Write the policy of ``workdir`` to ``out`` (module docstring); returns a summary."""
+def export_state(trainer, state, out: str) -> dict:
+    """Write the policy of a trainer's ``state`` to ``out`` (module docstring)."""
     import jax
 
     import models
-    from experiments.checkpointing import Checkpointer
-    from experiments.run import (ConfigError, build_trainer, check_workdir_config,
-                                 config_fingerprint, config_from_workdir)
     from rl_agents.pretrained import save_tokenizer
 
-    config = config_from_workdir(workdir)
-    check_workdir_config(config, workdir)
-    trainer = build_trainer(config)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    ckpt = Checkpointer(ckpt_dir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.all_steps():
-        raise ConfigError(f"no checkpoint {'' if step is None else f'at step {step} '}under "
-                          f"{ckpt_dir} (steps: {ckpt.all_steps()})")
-    state, _ = ckpt.restore(step, trainer.abstract_state(),
-                            expected_fingerprint=config_fingerprint(config))
     params = jax.device_get(trainer.policy_weights(state.params["policy"]))
     pre = trainer.pretrained
     cfg, params = trim_vocab(trainer.model_cfg, params)
@@ -69,8 +55,16 @@ def export_workdir(workdir: str, out: str, step: int | None = None) -> dict:
     models.save_hf_checkpoint(cfg, params, out, architecture=arch)
     if pre is not None:
         save_tokenizer(pre, out)
-    return {"step": int(step), "out": os.path.abspath(out), "architecture": arch,
+    return {"step": int(state.step), "out": os.path.abspath(out), "architecture": arch,
             "tokenizer": pre is not None}
+
+
+def export_workdir(workdir: str, out: str, step: int | None = None) -> dict:
+    """Write the policy of ``workdir``'s latest checkpoint (or ``step``) to ``out``."""
+    from experiments.run import config_from_workdir, restore_latest
+
+    trainer, state, _ = restore_latest(config_from_workdir(workdir), workdir, step=step)
+    return export_state(trainer, state, out)
 
 
 def main(argv):

@@ -83,12 +83,11 @@ def check_export(workdir: str, out: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from experiments.export_hf import export_workdir
-    from experiments.run import restore_latest, config_from_workdir
+    from experiments.export_hf import export_state
+    from experiments.run import config_from_workdir, restore_latest
 
-    export_workdir(workdir, out)
-    config = config_from_workdir(workdir)
-    tr, state, _ = restore_latest(config, workdir)
+    tr, state, _ = restore_latest(config_from_workdir(workdir), workdir)
+    export_state(tr, state, out)
     params = state.params["policy"]
     _, traj = tr.evaluate(params, jax.random.PRNGKey(FRESH_KEY + 1), episodes=1, greedy=True)
     valid = np.asarray(traj.valid[0])
@@ -97,7 +96,7 @@ def check_export(workdir: str, out: str) -> dict:
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = hf(torch.tensor([toks.tolist()])).logits.numpy()[0]
-    ours = np.asarray(tr.policy.apply({"params": tr.policy_weights(params)}, toks[None]))[0]
+    ours = np.asarray(tr.policy.apply({"params": params}, toks[None]))[0]   # LoRA: adapted
     first = int(np.argmax(mask))
     turn = toks[first:][mask[first:].cumprod().astype(bool)].tolist()
     gen = hf.generate(torch.tensor([toks[:first].tolist()]), max_new_tokens=len(turn),

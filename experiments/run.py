@@ -159,19 +159,23 @@ def _write_workdir_config(config, workdir: str) -> None:
     os.replace(tmp, path)
 
 
-def restore_latest(config, workdir: str, trainer: Trainer | None = None):
-    """``(trainer, state, step)`` of the latest checkpoint in ``workdir`` (no mesh unless
-    ``trainer`` has one). Raises FileNotFoundError without a checkpoint, ConfigError /
-    CheckpointError when it does not fit ``config``."""
+def restore_latest(config, workdir: str, trainer: Trainer | None = None, step: int | None = None):
+    """``(trainer, state, step)`` of the latest checkpoint in ``workdir`` (or of ``step``; no mesh
+    unless ``trainer`` has one). Raises FileNotFoundError without a (that) checkpoint,
+    ConfigError / CheckpointError when it does not fit ``config``."""
     check_workdir_config(config, workdir)
     trainer = trainer or build_trainer(config)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoint under {ckpt_dir}; train first with experiments.train")
     ckpt = Checkpointer(ckpt_dir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
-    step = ckpt.latest_step()
     if step is None:
-        raise FileNotFoundError(f"no checkpoint under {ckpt_dir}; train first with experiments.train")
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {ckpt_dir}; train first with experiments.train")
+    elif step not in ckpt.all_steps():
+        raise FileNotFoundError(f"no checkpoint at step {step} under {ckpt_dir} "
+                                f"(steps: {ckpt.all_steps()})")
     state, _ = ckpt.restore(step, trainer.abstract_state(),
                             expected_fingerprint=config_fingerprint(config))
     return trainer, state, step

@@ -65,13 +65,13 @@ def check_checkpoint_dir(path: str) -> str | None:
         return f"{path!r} is not a directory"
     if not (p / "config.json").exists():
         return f"no config.json in {path!r} (expected a save_pretrained directory)"
-    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        return (f"no tokenizer in {path!r} (tokenizer.json, tokenizer.model or vocab.json; save "
-                f"the tokenizer with the model)")
+    if not any((p / f).exists() for f in tb.TOKENIZER_FILES):
+        return (f"no tokenizer in {path!r} ({', '.join(tb.TOKENIZER_FILES)}; save the tokenizer "
+                f"with the model)")
     return None
 
 
-def load_pretrained(model_config, env: Env, *, max_seq_len: int | None = None) -> Pretrained:
+def load_pretrained(model_config, env: Env) -> Pretrained:
     """Load ``model_config.hf_checkpoint`` and bridge ``env`` to its tokenizer (module doc)."""
     path = str(model_config.hf_checkpoint)
     problem = check_checkpoint_dir(path)
@@ -83,6 +83,7 @@ def load_pretrained(model_config, env: Env, *, max_seq_len: int | None = None) -
     bridge = tb.build_bridge(tokenizer, stop_ids, tags=model_config.get("tags", "special"))
     action_tokens = int(model_config.get("action_tokens", 0)) or None
     benv = tb.BridgedEnv(env, bridge, action_tokens=action_tokens, tokenizer=tokenizer)
+    tb.warn_if_not_canonical(benv, tokenizer, episodes=8)    # renderings vs tokenizer.encode
     knobs = {k: model_config[k] for k in RUN_KNOBS if k in model_config}
     cfg, params = models.load_hf_checkpoint(path, **knobs)
     arch = config_from_hf(json.loads(Path(path, "config.json").read_text()))[1]
@@ -93,7 +94,7 @@ def load_pretrained(model_config, env: Env, *, max_seq_len: int | None = None) -
     if rows > n_before:                                   # tag tokens were added
         params = _grow(params, cfg, n_before, rows)
     cfg = cfg.replace(vocab_size=max(cfg.vocab_size, rows), vocab_limit=rows)
-    need = max_seq_len or benv.max_episode_tokens
+    need = benv.max_episode_tokens
     if cfg.max_seq_len < need:
         raise ValueError(f"config.model.hf_checkpoint: an episode of {env.name} takes up to "
                          f"{need} tokens in this tokenizer but the model's "
