@@ -4,7 +4,7 @@
     python -m benchmarks.learning --quick          # a smoke run (tiny budget)
 
 For each run: build the config (``experiments/configs/<task>_<algo>.py`` when it exists, else
-``make_config(task, algo)``), BC warm start on ε-noisy oracle demos, evaluate greedy success
+the published recipe ``recipe(task, algo)``), BC warm start on ε-noisy oracle demos, evaluate greedy success
 (the BC start), then RL updates until the wall-clock budget or ``total_updates`` runs out,
 evaluating every ``--eval_every`` updates on ``--eval_episodes`` fixed seeds, and at the end the
 final policy on ``--final_episodes`` fresh seeds (not the ones ``--stop_at`` read). Writes the
@@ -23,9 +23,8 @@ import sys
 import time
 
 import jax
-import numpy as np
 
-from experiments.configs.common import make_config
+from experiments.configs.recipes import recipe
 from rl_agents.trainer import make_trainer
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -36,7 +35,7 @@ def load_config(task: str, algo: str):
     try:
         return importlib.import_module(name).get_config()
     except ModuleNotFoundError:
-        return make_config(task, algo)
+        return recipe(task, algo)
 
 
 def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes: int,

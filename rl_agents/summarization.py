@@ -554,7 +554,7 @@ class SupoContext:
 
     def sample(self, tr, params, key, *, num_groups: int, group_size: int,
                eval_mode: bool = False, sampling: SamplingConfig | None = None) -> SupoTrajectory:
-        return supo_rollout(tr.env, tr.policy, params, key,
+        return supo_rollout(tr.env, tr.sampler, tr.sampler_params(params), key,
                             cfg=self.supo_eval if eval_mode else self.supo,
                             num_groups=num_groups, group_size=group_size,
                             sampling=sampling or tr.sampling,

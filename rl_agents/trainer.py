@@ -8,7 +8,7 @@ algorithm's extra stage) and exposes jitted pure functions:
     update(TrainState) -> (TrainState, metrics)  (one RL iteration, one XLA program)
     evaluate(policy_params, key, episodes=, greedy=) -> (metrics, episodes)
 
-``update`` is four named stages, each a method of explicit inputs and outputs; nothing is kept
+``update`` is five named stages, each a method of explicit inputs and outputs; nothing is kept
 on the trainer between them:
 
     collect     policy params, key -> episodes, row weights     (+ DAPO's dynamic sampling)
@@ -17,6 +17,9 @@ on the trainer between them:
                                       shaped rewards (KL-in-reward, overlong penalty), the
                                       algorithm's estimator; or the algorithm's extra stage
                                       (ArCHer's turn critic: ``rl_agents.archer.ArcherStage``)
+    correct     state, batch       -> batch with the off-policy correction (``rl.correction``:
+                                      TIS / MIS between the trainer's π_old and the sampler's
+                                      μ, ``rl_agents.off_policy``; "none" leaves it as is)
     optimize    params, opt state, batch -> params, opt state    (``epochs`` × ``minibatches``
                                       steps of ``rl.policy_loss`` + value loss + KL − entropy)
 
@@ -29,7 +32,8 @@ the agent tokens of ρ − 1 − log ρ with ρ = π_train / π_behaviour, read 
 minibatch step of the update (a uniformly random 1/``minibatches`` of the rows, before any
 optimizer step, so both sides hold the same parameters: what remains is the numerical
 mismatch between the KV-cached sampler and the trainer's forward pass, e.g. bfloat16
-sampling).
+sampling, ``rollout.dtype = "bfloat16"``). With ``rl.correction`` on, π_old is recomputed
+over the whole batch and ``mismatch/kl`` is that exact batch-wide value instead.
 
 What varies is composed, not subclassed: the context mode (``config.context.mode``: ``"full"``
 = ``FullContext``, ``"supo"`` = ``rl_agents.summarization.SupoContext``) decides how episodes
@@ -59,7 +63,8 @@ from envs.wrappers import tree_select
 from models.sharding import param_shardings_from_logical, put_global
 from models import lora as lora_lib
 from rl_agents import bc as bc_lib
-from rl_agents import dapo, losses
+from rl_agents import continuous as continuous_lib
+from rl_agents import dapo, losses, off_policy
 from rl_agents import process_rewards as process_lib
 from rl_agents import reward_models as rm_lib
 from rl_agents.advantages import AdvantageInputs, compute_advantages, per_turn_sum
@@ -83,6 +88,8 @@ class TrainState:
     prm: Any = None            # {"params", "opt_state"} of the PRIME implicit PRM, else None
     extra: Any = None          # the algorithm stage's own state (ArCHer: critic optimizer
     #                            state, target critic, replay buffer), else None
+    rollout: Any = None        # the episodes in flight (rollout.mode "continuous":
+    #                            ``rl_agents.continuous.CarriedRollout``), else None
 
 
 def model_config(config, env) -> models.ModelConfig:
@@ -126,7 +133,7 @@ class FullContext:
 
     def sample(self, tr: "Trainer", params, key, *, num_groups: int, group_size: int,
                eval_mode: bool = False, sampling: SamplingConfig | None = None) -> Trajectory:
-        return rollout(tr.env, tr.policy, params, key, num_groups=num_groups,
+        return rollout(tr.env, tr.sampler, tr.sampler_params(params), key, num_groups=num_groups,
                        group_size=group_size, sampling=sampling or tr.sampling,
                        shard_rows=(lambda tree: tree) if eval_mode else tr.shard_rows)
 
@@ -197,6 +204,7 @@ class Trainer:
         self.mesh = mesh
         self.env = make_env(config)
         self.algorithm = get_algorithm(config.rl.algorithm)
+        self.stage_name = self.algorithm.stage
         check_options(config)
         self.pretrained = None
         if config.model.get("hf_checkpoint", ""):
@@ -211,7 +219,17 @@ class Trainer:
         if self.lora is not None:                      # adapters on the projections (qwix)
             self.policy = lora_lib.apply_lora(self.policy, *self.lora)
         self.value_model = models.ValueModel(self.model_cfg) if self.algorithm.critic else None
+        # the sampler: the policy at rollout.dtype (bfloat16 sampling of a float32 policy)
+        self.sampler_dtype = models.config.dtype_name(config.rollout.get("dtype", "float32"),
+                                                      "dtype")
+        self.sampler = self.policy
+        if self.sampler_dtype != self.model_cfg.dtype:
+            self.sampler = models.PolicyModel(self.model_cfg.replace(dtype=self.sampler_dtype))
+            if self.lora is not None:
+                self.sampler = lora_lib.apply_lora(self.sampler, *self.lora)
         rl = config.rl
+        self.correction = rl.get("correction", "none")
+        off_policy.check_correction(self.correction, rl.get("correction_cap", 2.0))
         self.policy_objective = losses.make_policy_loss(
             rl.get("policy_loss", self.algorithm.policy_loss), eps_low=rl.eps_low,
             eps_high=rl.eps_high, dual_clip=rl.dual_clip if rl.dual_clip > 0 else None,
@@ -221,6 +239,13 @@ class Trainer:
         self.num_episodes = r.num_groups * r.group_size
         self.sampling = SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
         self.context = _context(self)
+        self.continuous = continuous_lib.settings_from_config(config)   # None: "sync"
+        if self.continuous is not None and (self.algorithm.dynamic_sampling or self.stage_name
+                                            or self.context.name != "full"):
+            raise ValueError(f"config.rollout.mode='continuous' is not supported with "
+                             f"config.rl.algorithm={self.algorithm.name!r} / context.mode="
+                             f"{self.context.name!r} (plain-context algorithms without dynamic "
+                             f"sampling or an extra stage)")
         self.batch_size = self.num_episodes * self.context.rows_per_episode   # training rows
         if self.batch_size % rl.minibatches:
             raise ValueError(f"config.rl.minibatches={rl.minibatches} does not divide the batch "
@@ -307,6 +332,16 @@ class Trainer:
         if self.stage is not None:
             opt_sh, extra_sh = self.stage.shardings(self, boxed)
             state = state.replace(opt_state=opt_sh, extra=extra_sh)
+        if self.continuous is not None:   # the carried slots: rows over the data axes
+            abstract = jax.eval_shape(lambda: continuous_lib.init_carried(
+                self.env, self.sampler, self.continuous, self.group_size))
+            rows = NamedSharding(self.mesh, P(("data", "fsdp")))
+            slots = abstract.turn.shape[0]
+            sh = jax.tree.map(lambda x: rows if x.ndim >= 1 and x.shape[0] == slots else rep,
+                              abstract)
+            cache_rows = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
+            sh = sh.replace(cache=sh.cache.replace(k=cache_rows, v=cache_rows))
+            state = state.replace(rollout=sh)
         return state
 
     def shard_rows(self, tree):
@@ -323,8 +358,12 @@ class Trainer:
             opt_state, extra = self.optimizer.init(params), None
         else:
             opt_state, extra = self.stage.init(self, params)
+        carried = None
+        if self.continuous is not None:
+            carried = continuous_lib.init_carried(self.env, self.sampler, self.continuous,
+                                                  self.group_size)
         return TrainState(params=params, opt_state=opt_state, ref_params=ref, key=key,
-                          step=jnp.zeros((), jnp.int32), extra=extra, **extras)
+                          step=jnp.zeros((), jnp.int32), extra=extra, rollout=carried, **extras)
 
     def fresh_state(self, key) -> TrainState:
         """A state without the BC warm start (same structure as ``init``'s)."""
@@ -409,6 +448,15 @@ class Trainer:
                                                             value)
         return params
 
+    def sampler_params(self, policy_params):
+        """The policy's params as the sampler reads them: floating leaves cast to
+        ``rollout.dtype`` (unchanged when it is the model's own dtype)."""
+        if self.sampler is self.policy:
+            return policy_params
+        dt = jnp.dtype(self.sampler_dtype)
+        return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating)
+                            else x, policy_params)
+
     def policy_weights(self, policy_params) -> dict:
         """Plain ``PolicyModel`` params of the policy (LoRA adapters merged: ``models.lora``),
         for export and for the critic's trunk."""
@@ -442,6 +490,16 @@ class Trainer:
         traj = self._sample_groups(policy_params, key, num_groups=self.oversampled_groups(),
                                    group_size=self.group_size)
         return dapo.dynamic_sampling(traj, self.num_groups, self.group_size)
+
+    def collect_continuous(self, policy_params, carried, key, version):
+        """Continuous mode's collect: ``rollout.continuous.turns_per_update`` turn steps over
+        the carried slots (``rl_agents.continuous``) → ``(episodes, row weights, metrics,
+        carried)``; the episodes are the ``num_groups`` groups that completed (weight 0 for
+        buffer rows not filled)."""
+        carried, traj, row_weight, metrics = continuous_lib.continue_rollout(
+            self.env, self.sampler, self.sampler_params(policy_params), self.sampling, carried,
+            key, version, self.continuous, group_size=self.group_size, capacity=self.num_groups)
+        return traj, row_weight, metrics, carried
 
     def oversampled_groups(self) -> int:
         """Groups sampled per update by dynamic sampling: max(num_groups,
@@ -539,6 +597,20 @@ class Trainer:
         """The training batch (rows of the context mode) with the algorithm's advantages."""
         return self.context.batch(self, state, traj, row_weight)
 
+    def correct(self, state: TrainState, batch: dict):
+        """Off-policy correction of the batch (``rl.correction``, ``rl_agents.off_policy``):
+        with a correction on, π_old is recomputed by the trainer at the update's starting
+        parameters and replaces the behaviour log-probs in the ratio, and the advantages are
+        weighted (TIS) or masked (MIS) by π_old/μ. ``(batch, metrics)``; metrics hold the exact
+        ``mismatch/kl`` over the whole batch."""
+        if self.correction == "none":
+            return batch, {}
+        trainer_logp = self.logprobs(state.params["policy"], batch["tokens"], batch["valid"])[0]
+        adv, mask, metrics = off_policy.correct(
+            trainer_logp, batch["old_logp"], batch["advantages"], batch["loss_mask"],
+            kind=self.correction, cap=float(self.config.rl.get("correction_cap", 2.0)))
+        return {**batch, "old_logp": trainer_logp, "advantages": adv, "loss_mask": mask}, metrics
+
     # ================================================================ stage 4: optimize
     def policy_loss(self, policy_params, mb):
         """``rl.policy_loss`` (PPO-clip by default) − entropy bonus (+ KL loss):
@@ -588,22 +660,29 @@ class Trainer:
 
     def step(self, state: TrainState):
         """One RL iteration, pure (``update`` is its jit): collect → score → advantages (or the
-        algorithm's stage) → optimize → non-finite guard → ``(state, metrics)``."""
+        algorithm's stage) → correct → optimize → non-finite guard → ``(state, metrics)``."""
         if self.stage is None:
             key, k_roll, k_perm = jax.random.split(state.key, 3)
         else:
             key, k_roll, k_perm, k_stage = jax.random.split(state.key, 4)
-        env_traj, row_weight, collect_metrics = self.collect(state.params["policy"], k_roll)
+        carried = state.rollout
+        if self.continuous is None:
+            env_traj, row_weight, collect_metrics = self.collect(state.params["policy"], k_roll)
+        else:
+            env_traj, row_weight, collect_metrics, carried = self.collect_continuous(
+                state.params["policy"], state.rollout, k_roll, state.step)
         traj, prm, reward_metrics = self.score(state, env_traj, row_weight)
         if self.stage is None:
-            batch = self.advantages(state, traj, row_weight)
+            batch, correction_metrics = self.correct(state, self.advantages(state, traj,
+                                                                            row_weight))
             params, opt_state, metrics = self.optimize(self.loss_fn, state.params,
                                                        state.opt_state, batch, k_perm)
             extra, stage_bad, stage_finite, stage_metrics = state.extra, 0.0, (), {}
         else:
             out = self.stage.advantages(self, state, traj, row_weight, k_stage)
+            stage_batch, correction_metrics = self.correct(state, out.batch)
             policy, opt_state, metrics = self.optimize(self.stage.loss_fn, state.params["policy"],
-                                                       state.opt_state, out.batch, k_perm)
+                                                       state.opt_state, stage_batch, k_perm)
             params = {**state.params, "policy": policy, **out.params}
             extra, stage_bad, stage_finite, stage_metrics = (out.extra, out.bad_steps,
                                                              out.check_finite, out.metrics)
@@ -616,15 +695,17 @@ class Trainer:
         mismatch = metrics["policy/approx_kl"][0, 0]
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics["mismatch/kl"] = mismatch
+        metrics.update(correction_metrics)       # the exact batch-wide mismatch/kl when computed
         metrics.update(stage_metrics)
-        metrics.update(episode_metrics(env_traj, "rollout"))    # env returns, not the learned ones
+        metrics.update(episode_metrics(env_traj, "rollout", row_weight if self.continuous
+                                       else None))    # env returns, not the learned ones
         metrics.update(self.context.metrics(env_traj, "rollout"))
         metrics.update(reward_metrics)
         metrics["rollout/kept_fraction"] = row_weight.mean()
         metrics.update(nonfinite_metrics(skip, bad_steps))
         metrics.update(collect_metrics)
         new_state = state.replace(params=params, opt_state=opt_state, key=key, step=state.step + 1,
-                                  prm=prm, extra=extra)
+                                  prm=prm, extra=extra, rollout=carried)
         return new_state, metrics
 
     # ---------------------------------------------------------------- evaluation
@@ -721,15 +802,21 @@ def minibatch_epochs(loss_fn, optimizer, params, opt_state, batch: dict, key, *,
     return params, opt_state, metrics
 
 
-def episode_metrics(traj: Trajectory, prefix: str) -> dict:
+def episode_metrics(traj: Trajectory, prefix: str, weight=None) -> dict:
+    """Episode means (over the rows with ``weight`` > 0 when given)."""
+    if weight is None:
+        mean = jnp.mean
+    else:
+        w = (weight > 0).astype(jnp.float32)
+        mean = lambda x: (x * w).sum() / jnp.maximum(w.sum(), 1.0)
     return {
-        f"{prefix}/success_rate": traj.success.mean(),
-        f"{prefix}/return": traj.episode_return.mean(),
-        f"{prefix}/turns": traj.episode_length.mean(),
-        f"{prefix}/agent_tokens": traj.loss_mask.sum(-1).mean(),
-        f"{prefix}/format_error_rate": (traj.turn_format_error.sum(-1)
-                                        / jnp.maximum(traj.episode_length, 1)).mean(),
-        f"{prefix}/truncated": traj.truncated.mean(),
+        f"{prefix}/success_rate": mean(traj.success),
+        f"{prefix}/return": mean(traj.episode_return),
+        f"{prefix}/turns": mean(traj.episode_length),
+        f"{prefix}/agent_tokens": mean(traj.loss_mask.sum(-1)),
+        f"{prefix}/format_error_rate": mean(traj.turn_format_error.sum(-1)
+                                            / jnp.maximum(traj.episode_length, 1)),
+        f"{prefix}/truncated": mean(traj.truncated),
     }
 
 

@@ -168,7 +168,7 @@ def check_heads(config, ctx):
 
 
 def check_dtypes(config, ctx):
-    for f in ("model.dtype", "model.param_dtype"):
+    for f in ("model.dtype", "model.param_dtype", "rollout.dtype"):
         v = _get(config, f)
         if v is not _MISSING and v not in DTYPES:
             return f"config.{f} = {v!r} is not a known dtype (one of {', '.join(DTYPES)})"
@@ -194,6 +194,45 @@ def check_top_p(config, ctx):
     v = _get(config, "rollout.top_p")
     if v is not _MISSING and (not _is_num(v) or not 0.0 < float(v) <= 1.0):
         return f"config.rollout.top_p must be in (0, 1], got {v!r}"
+    return None
+
+
+def check_rollout_mode(config, ctx):
+    mode = _get(config, "rollout.mode")
+    if mode is _MISSING or mode == "sync":
+        return None
+    if mode != "continuous":
+        return f"config.rollout.mode = {mode!r} is not one of sync, continuous"
+    for f, lo in (("slot_groups", 0), ("turns_per_update", 1), ("max_staleness", 0)):
+        v = _get(config, f"rollout.continuous.{f}")
+        if v is _MISSING or not _is_int(v) or v < lo:
+            shown = "missing" if v is _MISSING else repr(v)
+            return f"config.rollout.continuous.{f} = {shown} must be an int >= {lo}"
+    slots = (_get(config, "rollout.continuous.slot_groups") or _get(config, "rollout.num_groups")
+             ) * _get(config, "rollout.group_size")
+    shards = _get(config, "mesh.data") * _get(config, "mesh.fsdp")
+    if slots % shards:
+        return (f"config.rollout.continuous.slot_groups: {slots} slots (slot_groups x group_size) "
+                f"are not divisible by mesh.data x mesh.fsdp = {shards}")
+    from rl_agents.algorithms import ALGORITHMS
+    algo = ALGORITHMS.get(_get(config, "rl.algorithm"))
+    ctx_mode = _get(config, "context.mode")
+    if (algo is not None and (algo.dynamic_sampling or algo.stage)) or ctx_mode == "supo":
+        return (f"config.rollout.mode = 'continuous' is not supported with config.rl.algorithm = "
+                f"{_get(config, 'rl.algorithm')!r}"
+                + (" and context.mode = 'supo'" if ctx_mode == "supo" else "")
+                + " (dynamic sampling, ArCHer's stage and SUPO sample their own batches)")
+    return None
+
+
+def check_correction(config, ctx):
+    from rl_agents.off_policy import CORRECTIONS
+    v = _get(config, "rl.correction")
+    if v is not _MISSING and v not in CORRECTIONS:
+        return f"config.rl.correction = {v!r} is not one of {', '.join(CORRECTIONS)}"
+    cap = _get(config, "rl.correction_cap")
+    if cap is not _MISSING and (not _is_num(cap) or not float(cap) > 1.0):
+        return f"config.rl.correction_cap = {cap!r} must be a number > 1"
     return None
 
 
@@ -271,7 +310,7 @@ def check_hf_checkpoint(config, ctx):
 CHECKS: tuple[Callable[[Any, Context], str | None], ...] = (
     check_required, check_seed, check_mesh_sizes, check_mesh_product, check_positive_sizes,
     check_non_negative, check_batch_divisible, check_group_size, check_minibatches, check_heads,
-    check_dtypes, check_attention_impl, check_temperature, check_top_p, check_optim, check_env_name,
+    check_dtypes, check_attention_impl, check_temperature, check_top_p, check_rollout_mode, check_correction, check_optim, check_env_name,
     check_hf_checkpoint,
 )
 

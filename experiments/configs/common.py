@@ -46,7 +46,19 @@ def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collec
             rank=0, alpha=32.0, targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"))))
 
     c.rollout = ml_collections.ConfigDict(dict(
-        num_groups=16, group_size=4, temperature=1.0, top_k=0, top_p=1.0, eval_episodes=256))
+        num_groups=16, group_size=4, temperature=1.0, top_k=0, top_p=1.0, eval_episodes=256,
+        # the sampler's compute dtype: "bfloat16" samples (and evaluates) with bf16 weights and
+        # activations while the trainer stays at model.dtype (see rl.correction, mismatch/kl)
+        dtype="float32",
+        # "sync": every update samples num_groups × group_size fresh episodes; "continuous":
+        # episodes carried across updates in slots (rl_agents.continuous): each update runs
+        # turns_per_update turn steps over slot_groups × group_size slots (0: num_groups) and
+        # trains on the groups that completed (up to num_groups), dropping episodes first
+        # sampled more than max_staleness updates before; reprefill rebuilds the carried KV
+        # caches under the new parameters at each update's start
+        mode="sync",
+        continuous=ml_collections.ConfigDict(dict(
+            slot_groups=0, turns_per_update=4, max_staleness=2, reprefill=False))))
 
     c.rl = ml_collections.ConfigDict(dict(
         algorithm=algorithm,
@@ -62,6 +74,10 @@ def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collec
         logprob_chunk=128,                           # T-chunked log-probs (0: full [B,T,V] logits)
         target_kl=0.0,                               # PPO KL early stopping at 1.5·target_kl (0: off)
         max_nonfinite_updates=3,                     # stop after this many NaN / inf updates in a row
+        # sampler vs trainer (rl_agents.off_policy): "none" | "tis" (token weights
+        # min(π_old/μ, cap)) | "mis" (drop rows whose geometric-mean π_old/μ is outside
+        # [1/cap, cap]) | "token_mis" (drop such tokens); π_old recomputed by the trainer
+        correction="none", correction_cap=2.0,
         advantage_kwargs=ml_collections.ConfigDict(),
     ))
     if not get_algorithm(algorithm).group_relative:

@@ -207,6 +207,19 @@ def test_model_checkpoint_tags_and_lora_settings(tmp_path):
     assert "not supported with rl.algorithm = 'archer'" in _err(c)
 
 
+def test_rollout_mode_and_correction_settings():
+    c = base_config()
+    c.rollout.mode = "async"
+    assert _err(c) == "config.rollout.mode = 'async' is not one of sync, continuous"
+    c.rollout.mode = "continuous"
+    c.rollout.continuous = ml_collections.ConfigDict(dict(
+        slot_groups=0, turns_per_update=4, max_staleness=-1, reprefill=False))
+    assert _err(c) == "config.rollout.continuous.max_staleness = -1 must be an int >= 0"
+    c = base_config()
+    c.rl.correction = "importance"
+    assert _err(c) == "config.rl.correction = 'importance' is not one of none, tis, mis, token_mis"
+
+
 def test_every_check_is_exercised():
     # Guard against adding a check without a test: each name appears in this file.
     import inspect
@@ -221,7 +234,8 @@ def test_every_check_is_exercised():
              "check_dtypes": "not a known dtype", "check_attention_impl": "attention_impl",
              "check_temperature": "temperature", "check_top_p": "top_p", "check_optim": "optim.lr",
              "check_env_name": "registered environment",
-             "check_hf_checkpoint": "hf_checkpoint"}
+             "check_hf_checkpoint": "hf_checkpoint",
+             "check_rollout_mode": "rollout.mode", "check_correction": "rl.correction"}
     for check in CHECKS:
         name = check.__name__ if not check.__name__.startswith("check_ints") else None
         if name is not None:

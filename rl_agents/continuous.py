@@ -1,0 +1,279 @@
+"""Continuous rollouts (``config.rollout.mode = "continuous"``): episodes carried across updates.
+
+A synchronous update samples B fresh episodes and waits for the longest one: ``max_turns``
+turn steps however short the others are. In continuous mode the rollout itself lives in the
+training state (``CarriedRollout``: env states, KV caches, next-token logits and the turn
+records of S = ``slot_groups`` × G slots), and each update runs a fixed budget of
+``turns_per_update`` turn steps over all slots:
+
+* a turn step is the synchronous rollout's turn: every slot still in an episode samples its
+  action (KV-cached, ``rollout.generate``), the envs step (``vmap``), the observation is
+  prefilled. Each turn records its behaviour log-probs and the **policy version** (the update
+  index) that sampled it;
+* **groups.** The G slots of a group hold G episodes of one task instance (same reset key),
+  started together. When all G have ended, the group is complete: it is written to this
+  update's training buffer and its slots start a fresh task (env reset, prompt prefilled into
+  rows whose cache length is set back to 0). A group-relative estimator therefore always sees
+  G whole episodes of one task; the cost is that a group's early finishers idle until its
+  last member ends (as in synchronous mode), but no group waits for another;
+* the buffer holds ``rollout.num_groups`` groups (the synchronous batch). Groups that complete
+  when it is full wait, ended, and go into the next update's buffer. Buffer rows not filled
+  get row weight 0;
+* an episode not finished at the end of an update **continues in the next update** under the
+  new parameters, its KV cache as it was (tokens attend to keys / values computed by older
+  parameters). ``reprefill = True`` instead recomputes every slot's cache from its token
+  history at the start of each update (one forward pass over the slots);
+* **staleness.** An episode whose first turn was sampled more than ``max_staleness`` updates
+  before the update that would train on it is dropped (its group restarts) and counted. The
+  loss corrects for stale tokens through their recorded behaviour log-probs (the ratio
+  π_θ/μ, or ``rl.correction`` = ``tis`` / ``mis`` against the trainer's π_old).
+
+Everything is fixed-shape and jitted inside the update; the carried state is part of the
+checkpoint, so a resumed run continues its in-flight episodes exactly.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+import models
+from envs.wrappers import _is_key
+from rl_agents.hashing import hash_tokens
+from rl_agents.rollout import _prefix_valid, assemble_trajectory, model_policy
+
+#: turn-record fields of ``rollout.run_episodes`` plus the sampling version
+_NO_VERSION = jnp.iinfo(jnp.int32).max
+
+
+class ContinuousSettings(NamedTuple):
+    slot_groups: int         # groups of G slots carried (S = slot_groups · G rows)
+    turns_per_update: int    # turn steps per update
+    max_staleness: int       # drop episodes first sampled more than this many updates ago
+    reprefill: bool          # rebuild the carried KV caches at each update's start
+
+
+def settings_from_config(config) -> ContinuousSettings | None:
+    """The continuous settings of ``config.rollout`` (None in ``"sync"`` mode)."""
+    r = config.rollout
+    mode = r.get("mode", "sync")
+    if mode == "sync":
+        return None
+    if mode != "continuous":
+        raise ValueError(f"config.rollout.mode={mode!r} is not one of ['sync', 'continuous']")
+    c = r.continuous
+    return ContinuousSettings(slot_groups=int(c.slot_groups) or int(r.num_groups),
+                              turns_per_update=int(c.turns_per_update),
+                              max_staleness=int(c.max_staleness), reprefill=bool(c.reprefill))
+
+
+@struct.dataclass
+class CarriedRollout:
+    """The rollout in flight, S slots (``ContinuousSettings``), NG = S / G groups."""
+    env_state: Any             # [S] env states
+    cache: models.KVCache      # the sampler's KV cache, S rows
+    logits: jax.Array          # f32 [S, V]: next-token logits of each slot
+    prompt: jax.Array          # int32 [S, P]
+    prompt_valid: jax.Array    # bool [S, P]
+    rec: dict                  # turn records [S, K, ...] of the episode in flight (+ "version")
+    turn: jax.Array            # int32 [S]: turns taken
+    done: jax.Array            # bool [S]: the slot's episode has ended
+    seen_hash: jax.Array       # uint32 [S]: hash of the observation the next turn acts on
+    has_episode: jax.Array     # bool [NG]: the group holds episodes (False: start one)
+    first_version: jax.Array   # int32 [NG]: version of the group's first turn (max int: none)
+
+
+def _where_rows(mask, new, old):
+    """Per-row select over a pytree whose leaves lead with the row axis (typed keys too)."""
+    def sel(a, b):
+        if _is_key(a):
+            data = sel(jax.random.key_data(a), jax.random.key_data(b))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
+        m = mask.reshape(mask.shape + (1,) * (a.ndim - 1))
+        return jnp.where(m, a, b)
+    return jax.tree.map(sel, new, old)
+
+
+def _empty_records(env, s: int) -> dict:
+    k, a, o = env.max_turns, env.action_len, env.obs_len
+    z = lambda shape, dt: jnp.zeros(shape, dt)
+    return dict(action=jnp.full((s, k, a), env.fill_id, jnp.int32), action_valid=z((s, k, a), bool),
+                logp=z((s, k, a), jnp.float32), obs=jnp.full((s, k, o), env.fill_id, jnp.int32),
+                obs_valid=z((s, k, o), bool), reward=z((s, k), jnp.float32),
+                active=z((s, k), bool), obs_hash=z((s, k), jnp.uint32),
+                format_error=z((s, k), bool), success=z((s, k), bool),
+                terminated=z((s, k), bool), truncated=z((s, k), bool),
+                version=jnp.full((s, k), -1, jnp.int32))
+
+
+def init_carried(env, sampler: models.PolicyModel, settings: ContinuousSettings,
+                 group_size: int) -> CarriedRollout:
+    """No episode in flight: every group starts one in the first update (under its params)."""
+    s = settings.slot_groups * group_size
+    env_state, ts = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(0), s))
+    prompt = jnp.full(ts.observation.shape, env.fill_id, jnp.int32)
+    cache = models.init_cache(sampler.cfg, s, env.max_episode_tokens)
+    v = sampler.cfg.vocab_limit or sampler.cfg.vocab_size
+    return CarriedRollout(
+        env_state=env_state, cache=cache, logits=jnp.zeros((s, v), jnp.float32), prompt=prompt,
+        prompt_valid=jnp.zeros(prompt.shape, bool), rec=_empty_records(env, s),
+        turn=jnp.zeros((s,), jnp.int32), done=jnp.ones((s,), bool),
+        seen_hash=jnp.zeros((s,), jnp.uint32),
+        has_episode=jnp.zeros((settings.slot_groups,), bool),
+        first_version=jnp.full((settings.slot_groups,), _NO_VERSION, jnp.int32))
+
+
+@struct.dataclass
+class _Buffer:
+    prompt: jax.Array
+    prompt_valid: jax.Array
+    rec: dict
+    count: jax.Array           # int32 []: groups written
+
+
+def _start_groups(env, sampler, params, c: CarriedRollout, start, key, group_size: int):
+    """Slots of the groups in ``start`` [NG] begin a fresh task: G rows of one reset key, cache
+    rows emptied and the prompt prefilled, records cleared."""
+    ng = start.shape[0]
+    rows = jnp.repeat(start, group_size)
+    keys = jnp.repeat(jax.random.split(key, ng), group_size, axis=0)
+    env_state, ts = jax.vmap(env.reset)(keys)
+    prompt = ts.observation.astype(jnp.int32)
+    valid = _prefix_valid(prompt, env.fill_id) & rows[:, None]
+    cache = c.cache.replace(lengths=jnp.where(rows, 0, c.cache.lengths))
+    logits, cache = models.prefill(sampler, params, jnp.where(valid, prompt, 0), cache,
+                                   valid=valid, last_only=True)
+    empty = _empty_records(env, rows.shape[0])
+    return c.replace(
+        env_state=_where_rows(rows, env_state, c.env_state), cache=cache,
+        logits=jnp.where(rows[:, None], logits.astype(jnp.float32), c.logits),
+        prompt=jnp.where(rows[:, None], prompt, c.prompt),
+        prompt_valid=jnp.where(rows[:, None], valid, c.prompt_valid),
+        rec=_where_rows(rows, empty, c.rec), turn=jnp.where(rows, 0, c.turn),
+        done=jnp.where(rows, False, c.done),
+        seen_hash=jnp.where(rows, hash_tokens(prompt), c.seen_hash),
+        has_episode=c.has_episode | start,
+        first_version=jnp.where(start, _NO_VERSION, c.first_version))
+
+
+def _emit_and_start(env, sampler, params, c: CarriedRollout, buf: _Buffer, key, version,
+                    settings: ContinuousSettings, group_size: int, capacity: int):
+    """Complete groups go into the buffer while it has room; groups too stale are dropped;
+    emitted, dropped and empty groups start fresh tasks. → (carried, buffer, counts)."""
+    g = group_size
+    ng = c.has_episode.shape[0]
+    ended = c.done.reshape(ng, g).all(-1)
+    started = c.first_version != _NO_VERSION
+    stale = c.has_episode & started & (version - c.first_version > settings.max_staleness)
+    complete = c.has_episode & ended & ~stale
+    pos = buf.count + jnp.cumsum(complete) - 1
+    emit = complete & (pos < capacity)
+    row_idx = (jnp.where(emit, pos, capacity)[:, None] * g + jnp.arange(g)[None]).reshape(-1)
+    put = lambda dst, src: dst.at[row_idx].set(src, mode="drop")
+    buf = _Buffer(prompt=put(buf.prompt, c.prompt), prompt_valid=put(buf.prompt_valid,
+                                                                       c.prompt_valid),
+                  rec=jax.tree.map(put, buf.rec, c.rec), count=buf.count + emit.sum())
+    start = ~c.has_episode | emit | stale
+    c = jax.lax.cond(start.any(),
+                     lambda c: _start_groups(env, sampler, params, c, start, key, g),
+                     lambda c: c, c)
+    return c, buf, dict(dropped=stale.sum(), waiting=(complete & ~emit).sum())
+
+
+def _turn_step(env, policy, c: CarriedRollout, key, version):
+    """One turn of every slot still in an episode (``rollout.run_episodes``'s turn), the
+    records written at each slot's own turn index."""
+    active = ~c.done
+    out, (cache, logits) = policy.act((c.cache, c.logits), c.env_state, active, key)
+    action = jnp.where(out.action_valid, out.action, env.fill_id)
+    new_state, ts = jax.vmap(env.step)(c.env_state, action)
+    obs = jnp.where(active[:, None], ts.observation.astype(jnp.int32), env.fill_id)
+    obs_valid = _prefix_valid(obs, env.fill_id) & active[:, None]
+    cache, logits = policy.observe((cache, logits), obs, obs_valid)
+    record = dict(
+        action=action, action_valid=out.action_valid & active[:, None],
+        logp=jnp.where(out.action_valid, out.logp, 0.0), obs=obs, obs_valid=obs_valid,
+        reward=jnp.where(active, ts.reward, 0.0).astype(jnp.float32), active=active,
+        obs_hash=c.seen_hash, format_error=ts.info["format_error"] & active,
+        success=ts.info["success"] & active, terminated=ts.terminated & active,
+        truncated=ts.truncated & active,
+        version=jnp.full(active.shape, version, jnp.int32))
+    s = active.shape[0]
+    idx = jnp.where(active, c.turn, env.max_turns)          # inactive rows: dropped writes
+    rec = {k: v.at[jnp.arange(s), idx].set(record[k], mode="drop") for k, v in c.rec.items()}
+    g = c.has_episode.shape[0]
+    first = (active & (c.turn == 0)).reshape(g, -1).any(-1)
+    return c.replace(
+        env_state=_where_rows(active, new_state, c.env_state), cache=cache,
+        logits=logits.astype(jnp.float32), rec=rec, turn=c.turn + active,
+        done=c.done | (active & (ts.done | (c.turn + 1 >= env.max_turns))),
+        seen_hash=jnp.where(active, hash_tokens(obs), c.seen_hash),
+        first_version=jnp.where(first, version, c.first_version))
+
+
+def _reprefill(env, sampler, params, c: CarriedRollout, group_size: int) -> CarriedRollout:
+    """Every slot's cache rebuilt from its token history under ``params``."""
+    s = c.turn.shape[0]
+    rec = {k: v for k, v in c.rec.items() if k != "version"}
+    hist = assemble_trajectory(env, c.prompt, c.prompt_valid, rec,
+                               jnp.arange(s, dtype=jnp.int32) // group_size)
+    cache = models.init_cache(sampler.cfg, s, env.max_episode_tokens)
+    logits, cache = models.prefill(sampler, params, jnp.where(hist.valid, hist.tokens, 0), cache,
+                                   valid=hist.valid, last_only=True)
+    return c.replace(cache=cache, logits=jnp.where(hist.valid.any(-1)[:, None],
+                                                   logits.astype(jnp.float32), c.logits))
+
+
+def continue_rollout(env, sampler, params, sampling, carried: CarriedRollout, key, version,
+                     settings: ContinuousSettings, *, group_size: int, capacity: int):
+    """One update's rollout: ``settings.turns_per_update`` turn steps over the carried slots
+    (module doc). ``params`` are the sampler's; ``version`` the update index. Returns
+    ``(carried, trajectory [capacity·G rows], row_weight [capacity·G], metrics)``."""
+    g = group_size
+    b = capacity * g
+    policy = model_policy(sampler, params, env, sampling)
+    prompt_shape = carried.prompt.shape[1:]
+    buf = _Buffer(prompt=jnp.full((b,) + prompt_shape, env.fill_id, jnp.int32),
+                  prompt_valid=jnp.zeros((b,) + prompt_shape, bool),
+                  rec=_empty_records(env, b), count=jnp.zeros((), jnp.int32))
+    emit = lambda c, buf, k: _emit_and_start(env, sampler, params, c, buf, k, version, settings,
+                                             g, capacity)
+    k_first, k_steps = jax.random.split(key)
+    carried, buf, first_counts = emit(carried, buf, k_first)
+    if settings.reprefill:
+        carried = _reprefill(env, sampler, params, carried, g)
+
+    def body(cb, step_key):
+        c, buf = cb
+        k_turn, k_start = jax.random.split(step_key)
+        generated_before = c.rec["action_valid"].sum()
+        c = _turn_step(env, policy, c, k_turn, version)
+        generated = c.rec["action_valid"].sum() - generated_before
+        c, buf, counts = emit(c, buf, k_start)
+        return (c, buf), dict(counts, generated=generated)
+
+    (carried, buf), per_step = jax.lax.scan(body, (carried, buf),
+                                            jax.random.split(k_steps, settings.turns_per_update))
+    rec = {k: v for k, v in buf.rec.items() if k != "version"}
+    traj = assemble_trajectory(env, buf.prompt, buf.prompt_valid, rec,
+                               jnp.arange(b, dtype=jnp.int32) // g)
+    row_weight = (jnp.arange(b) < buf.count * g).astype(jnp.float32)
+    # staleness of the trained tokens: this update's index minus the version that sampled them
+    turn_version = buf.rec["version"]
+    tok_version = jnp.take_along_axis(turn_version, jnp.maximum(traj.turn_ids, 0), axis=1)
+    trained = traj.loss_mask & (row_weight[:, None] > 0)
+    staleness = jnp.where(trained, version - tok_version, 0)
+    n_trained = jnp.maximum(trained.sum(), 1)
+    metrics = {
+        "continuous/groups_completed": buf.count,
+        "continuous/groups_dropped_stale": first_counts["dropped"] + per_step["dropped"].sum(),
+        "continuous/groups_waiting": per_step["waiting"][-1],
+        "continuous/staleness_mean": staleness.sum() / n_trained,
+        "continuous/staleness_max": staleness.max(),
+        "continuous/generated_tokens": per_step["generated"].sum(),
+        "continuous/trained_tokens": trained.sum(),
+        "continuous/slots_in_episode": (~carried.done).sum(),
+    }
+    return carried, traj, row_weight, metrics

@@ -1,0 +1,220 @@
+"""Continuous rollouts (``rollout.mode = "continuous"``) against the synchronous rollout.
+
+With greedy decoding the random numbers only pick tasks, so a continuous rollout whose slots
+start the same tasks must produce exactly the synchronous rollout's episodes: in one update,
+carried over two updates (same parameters; with and without re-prefilling the caches), and
+through a full buffer whose groups wait for the next update. Staleness drops, the trainer's
+update and a checkpoint round trip of the carried episodes are tested too.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rl_agents import continuous as C
+from rl_agents import make_trainer
+from rl_agents.rollout import model_policy, run_episodes
+from rl_agents.sampling import SamplingConfig
+from rl_agents.validation import ConfigError, check_config
+from tests.rl_agents import probes
+
+GREEDY = SamplingConfig(greedy=True)
+GROUPS, G = 4, 2
+FIELDS = ("tokens", "valid", "loss_mask", "rewards", "turn_ids", "turn_end", "turn_rewards",
+          "turn_valid", "turn_obs_hash", "turn_format_error", "episode_return",
+          "episode_length", "success", "terminated", "truncated", "group_ids")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    c = probes.tiny("kv_search", "grpo", groups=GROUPS, group_size=G)
+    tr = make_trainer(c)
+    params = tr.fresh_state(jax.random.PRNGKey(0)).params["policy"]
+    # larger weights: peaked greedy choices, so episodes differ from task to task
+    params = jax.tree.map(lambda x: 3.0 * x, params)
+    return tr, params
+
+
+def _continue(tr, params, carried, key, version, settings, capacity=GROUPS):
+    fn = jax.jit(functools.partial(C.continue_rollout, tr.env, tr.policy, params, GREEDY,
+                                   settings=settings, group_size=G, capacity=capacity))
+    return fn(carried, key, jnp.int32(version))
+
+
+def _sync(tr, params, start_key):
+    """The synchronous rollout of the tasks the continuous one starts with ``start_key``."""
+    reset_keys = jax.random.split(start_key, GROUPS)
+    policy = model_policy(tr.policy, params, tr.env, GREEDY)
+    return jax.jit(lambda: run_episodes(tr.env, policy, jax.random.PRNGKey(9), GROUPS, G,
+                                        reset_keys=reset_keys))()
+
+
+def _first_start_key(key):
+    return jax.random.split(key)[0]       # continue_rollout's key for the update's first starts
+
+
+def _assert_same(got, want, rows_got=slice(None), rows_want=slice(None), fields=FIELDS):
+    for f in fields:
+        np.testing.assert_array_equal(np.asarray(getattr(got, f))[rows_got],
+                                      np.asarray(getattr(want, f))[rows_want], err_msg=f)
+    np.testing.assert_allclose(np.asarray(got.behaviour_logp)[rows_got],
+                               np.asarray(want.behaviour_logp)[rows_want], atol=1e-5)
+
+
+def _whole_episodes_update(tr, params, max_staleness, capacity=GROUPS):
+    """A first update of max_turns turn steps from empty slots, and the synchronous rollout
+    of the same tasks."""
+    settings = C.ContinuousSettings(GROUPS, tr.env.max_turns, max_staleness, reprefill=False)
+    carried = C.init_carried(tr.env, tr.policy, settings, G)
+    key = jax.random.PRNGKey(3)
+    out = _continue(tr, params, carried, key, 0, settings, capacity=capacity)
+    return settings, out, _sync(tr, params, _first_start_key(key))
+
+
+def test_one_update_equals_the_synchronous_rollout(setup):
+    tr, params = setup
+    _, (carried, traj, weight, m), want = _whole_episodes_update(tr, params, 0)
+    assert len(set(np.asarray(want.tokens).sum(-1).tolist())) > 1    # not all alike
+    _assert_same(traj, want)
+    np.testing.assert_array_equal(np.asarray(weight), np.ones(GROUPS * G))
+    assert int(m["continuous/groups_completed"]) == GROUPS
+    assert int(m["continuous/trained_tokens"]) == int(want.loss_mask.sum())
+    assert int(m["continuous/generated_tokens"]) == int(want.loss_mask.sum())
+    assert float(m["continuous/staleness_max"]) == 0
+    # the emitted groups' slots started fresh tasks, not yet acted on
+    assert bool(carried.has_episode.all()) and int(carried.turn.max()) == 0
+
+
+@pytest.mark.parametrize("reprefill", [False, True])
+def test_episodes_carried_over_an_update_boundary(setup, reprefill):
+    """2 turn steps in update 0, the rest in update 1 (same parameters): the episodes equal the
+    synchronous ones; the first two turns' tokens are 1 update stale."""
+    tr, params = setup
+    k = tr.env.max_turns
+    s0 = C.ContinuousSettings(GROUPS, 2, max_staleness=1, reprefill=reprefill)
+    s1 = s0._replace(turns_per_update=k - 2)
+    carried = C.init_carried(tr.env, tr.policy, s0, G)
+    key0, key1 = jax.random.PRNGKey(3), jax.random.PRNGKey(4)
+    carried, _, w0, m0 = _continue(tr, params, carried, key0, 0, s0)
+    assert int(m0["continuous/groups_completed"]) == 0 and not np.asarray(w0).any()
+    assert int(m0["continuous/slots_in_episode"]) == GROUPS * G
+    carried, traj, w1, m1 = _continue(tr, params, carried, key1, 1, s1)
+    want = _sync(tr, params, _first_start_key(key0))
+    assert int(m1["continuous/groups_completed"]) == GROUPS
+    for f in FIELDS:
+        np.testing.assert_array_equal(np.asarray(getattr(traj, f)), np.asarray(getattr(want, f)),
+                                      err_msg=f)
+    np.testing.assert_allclose(np.asarray(traj.behaviour_logp), np.asarray(want.behaviour_logp),
+                               atol=1e-4 if reprefill else 1e-5)
+    first_two = np.asarray(want.loss_mask & (want.turn_ids < 2)).sum()
+    assert float(m1["continuous/staleness_max"]) == 1
+    np.testing.assert_allclose(float(m1["continuous/staleness_mean"]),
+                               first_two / float(want.loss_mask.sum()), rtol=1e-6)
+
+
+def test_a_full_buffer_keeps_complete_groups_for_the_next_update(setup):
+    tr, params = setup
+    settings, (carried, traj, w, m), want = _whole_episodes_update(tr, params, 1, capacity=2)
+    assert int(m["continuous/groups_completed"]) == 2 and int(m["continuous/groups_waiting"]) == 2
+    _assert_same(traj, want, slice(0, 2 * G), slice(0, 2 * G))
+    # next update: the two waiting groups fill the buffer first (groups 0, 1 restarted)
+    carried, traj, w, m = _continue(tr, params, carried, jax.random.PRNGKey(5), 1, settings,
+                                    capacity=2)
+    assert int(m["continuous/groups_completed"]) == 2
+    _assert_same(traj, want, slice(0, 2 * G), slice(2 * G, 4 * G), fields=FIELDS[:-1])
+    np.testing.assert_array_equal(np.asarray(traj.group_ids), np.repeat(np.arange(2), G))
+
+
+def test_stale_episodes_are_dropped_and_counted(setup):
+    tr, params = setup
+    settings = C.ContinuousSettings(GROUPS, 2, max_staleness=1, reprefill=False)
+    carried = C.init_carried(tr.env, tr.policy, settings, G)
+    dropped = []
+    for v in range(4):       # 6-turn episodes, 2 turns an update: update 2 finds them 2 stale
+        carried, _, w, m = _continue(tr, params, carried, jax.random.PRNGKey(v), v, settings)
+        dropped.append(int(m["continuous/groups_dropped_stale"]))
+        assert not np.asarray(w).any()
+    assert dropped == [0, 0, GROUPS, 0]
+
+
+def _cont_config(**cont):
+    c = probes.tiny("kv_search", "grpo", groups=GROUPS, group_size=G)
+    c.rollout.mode = "continuous"
+    c.rollout.continuous.update({**dict(slot_groups=GROUPS, turns_per_update=3, max_staleness=2),
+                                 **cont})
+    c.rl.kl_coef = 0.0
+    return c
+
+
+def test_trainer_update_and_checkpoint_round_trip(tmp_path):
+    """The update carries the episodes in ``TrainState.rollout``; 4 updates in a row equal 2,
+    a checkpoint save / restore (orbax), and 2 more."""
+    from experiments.checkpointing import Checkpointer
+
+    tr = make_trainer(_cont_config())
+    state = tr.fresh_state(jax.random.PRNGKey(0))
+    straight = []
+    s = state
+    for _ in range(4):
+        s, m = tr.update(s)
+        straight.append(jax.tree.map(np.asarray, m))
+    assert sum(float(m["continuous/groups_completed"]) for m in straight) > 0
+    assert float(straight[0]["continuous/slots_in_episode"]) > 0
+    s = tr.fresh_state(jax.random.PRNGKey(0))
+    for _ in range(2):
+        s, _ = tr.update(s)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=1, save_every=1)
+    ckpt.save(2, s, force=True)
+    restored, _ = ckpt.restore(2, tr.abstract_state())
+    assert isinstance(restored.rollout, C.CarriedRollout)
+    for i in (2, 3):
+        restored, m = tr.update(restored)
+        for name, v in straight[i].items():
+            np.testing.assert_array_equal(np.asarray(m[name]), v, err_msg=name)
+
+
+def test_bad_continuous_settings_give_one_line():
+    c = _cont_config()
+    c.rollout.mode = "async"
+    with pytest.raises(ConfigError, match=r"config.rollout.mode = 'async' is not one of"):
+        check_config(c, num_devices=1)
+    c = _cont_config(turns_per_update=0)
+    with pytest.raises(ConfigError, match=r"config.rollout.continuous.turns_per_update = 0"):
+        check_config(c, num_devices=1)
+    c = probes.tiny("kv_search", "dapo", groups=GROUPS, group_size=G)
+    c.rollout.mode = "continuous"
+    with pytest.raises(ConfigError, match=r"rollout.mode = 'continuous' is not supported"):
+        check_config(c, num_devices=1)
+    c = _cont_config(slot_groups=3)
+    c.mesh.data = 4
+    with pytest.raises(ConfigError, match=r"6 slots .* not divisible by mesh.data x mesh.fsdp = 4"):
+        check_config(c, num_devices=4)
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (forced) devices")
+def test_carried_rollout_is_the_same_on_a_mesh():
+    """Slots sharded over (data 2, fsdp 2): the same sampled tokens in the carried records
+    and the same metrics as on one device after updates that carry episodes over."""
+    from models.sharding import make_mesh
+    from rl_agents.trainer import Trainer
+
+    out = []
+    for shape in ((1, 1, 1), (2, 2, 1)):
+        c = _cont_config()
+        c.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
+        mesh = None if shape == (1, 1, 1) else make_mesh(c.mesh, jax.devices()[:4])
+        tr = Trainer(c, mesh)
+        state = tr.place(tr.fresh_state(jax.random.PRNGKey(0)))
+        metrics = []
+        for _ in range(2):
+            state, m = tr.update(state)
+            metrics.append(jax.tree.map(float, m))
+        out.append((np.asarray(state.rollout.rec["action"]), metrics))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    for a, b in zip(out[0][1], out[1][1]):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
