@@ -23,6 +23,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 from experiments.configs.recipes import recipe
 from rl_agents.trainer import make_trainer
@@ -63,12 +64,14 @@ def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes
     print(f"[{task}/{algo}] BC start: greedy success {curve[0]['success']:.3f} ({bc_time:.0f} s)",
           file=sys.stderr, flush=True)
     env_steps = 0
+    mismatch = []                     # mismatch/kl of every update (sampler vs trainer)
     deadline = t0 + minutes * 60
     update = 0
     last = config.total_updates if max_updates is None else min(max_updates, config.total_updates)
     while update < last and time.time() < deadline:
         state, metrics = trainer.update(state)
         update += 1
+        mismatch.append(float(metrics["mismatch/kl"]))
         env_steps += int(round(float(metrics["rollout/turns"]) * trainer.batch_size
                                * (1 if trainer.algorithm.dynamic_sampling is False
                                   else config.rl.oversample)))
@@ -92,7 +95,8 @@ def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes
             "final_fresh_episodes": final_episodes, "best_success": max(c["success"] for c in curve),
             "wall_s": curve[-1]["wall_s"], "env_steps": env_steps, "updates": update,
             "bc_epsilon": float(config.bc.epsilon), "stop_at": stop_at,
-            "seconds_per_update": (curve[-1]["wall_s"] - bc_time) / max(update, 1), "curve": curve}
+            "seconds_per_update": (curve[-1]["wall_s"] - bc_time) / max(update, 1),
+            "mismatch_kl_mean": float(np.mean(mismatch)) if mismatch else None, "curve": curve}
 
 
 def plot(result: dict, path: str) -> None:

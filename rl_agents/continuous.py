@@ -9,7 +9,7 @@ records of S = ``slot_groups`` × G slots), and each update runs a fixed budget 
 * a turn step is the synchronous rollout's turn: every slot still in an episode samples its
   action (KV-cached, ``rollout.generate``), the envs step (``vmap``), the observation is
   prefilled. Each turn records its behaviour log-probs and the **policy version** (the update
-  index) that sampled it;
+  index) that sampled it; the trajectory carries it per token (``behaviour_version``);
 * **groups.** The G slots of a group hold G episodes of one task instance (same reset key),
   started together. When all G have ended, the group is complete: it is written to this
   update's training buffer and its slots start a fresh task (env reset, prompt prefilled into
@@ -263,6 +263,7 @@ def continue_rollout(env, sampler, params, sampling, carried: CarriedRollout, ke
     # staleness of the trained tokens: this update's index minus the version that sampled them
     turn_version = buf.rec["version"]
     tok_version = jnp.take_along_axis(turn_version, jnp.maximum(traj.turn_ids, 0), axis=1)
+    traj = traj.replace(behaviour_version=jnp.where(traj.loss_mask, tok_version, -1))
     trained = traj.loss_mask & (row_weight[:, None] > 0)
     staleness = jnp.where(trained, version - tok_version, 0)
     n_trained = jnp.maximum(trained.sum(), 1)

@@ -55,6 +55,8 @@ class Trajectory:
     terminated: jax.Array      # bool  [B]
     truncated: jax.Array       # bool  [B]
     group_ids: jax.Array       # int32 [B]
+    behaviour_version: Any = None  # int32 [B,T]: the update that sampled each agent token, −1
+    #                                elsewhere (continuous rollouts; None: all sampled by this update)
 
     @property
     def num_tokens(self) -> jax.Array:

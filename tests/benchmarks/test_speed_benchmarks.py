@@ -180,3 +180,22 @@ def test_append_markdown(tmp_path):
     with pytest.raises(ValueError, match="cells"):
         common.append_markdown(str(p), "z", ["a"], [[1, 2]])
     common.append_markdown(None, "ignored", ["a"], [[1]])
+
+
+def test_continuous_rollouts_quick(tmp_path):
+    """Sync and continuous rows for one task; a continuous update trains only on what
+    completed, never more tokens than it generated in total."""
+    from benchmarks import continuous_rollouts
+    out = tmp_path / "cont"
+    rows = continuous_rollouts.main(["--quick", "--envs", "guess_number", "--algos", "grpo",
+                                     "--turns", "4", "--slots", "1", "--reprefill", "on",
+                                     "--out", str(out)])
+    assert [(r["mode"], r["turns_per_update"]) for r in rows] == [
+        ("sync", 8), ("continuous + re-prefill", 4)]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["trained_tokens"] == rows[0]["generated_tokens"]
+    for r in rows:
+        assert r["sec_per_update"] > 0 and r["useful_tok_s"] == pytest.approx(
+            r["trained_tokens"] / r["sec_per_update"])
+        assert 0 < r["sec_rollout"] and r["trained_tokens"] <= r["generated_tokens"] + 1e-6
+    assert "| guess_number | grpo (2) | continuous + re-prefill | 4 | 4 |" in (
+        tmp_path / "cont.md").read_text()

@@ -4,7 +4,8 @@ then ``experiments.eval`` on the trained workdir.
 One uninterrupted run and one run killed with SIGKILL once ``metrics.jsonl`` shows step >= 3,
 then restarted with the same command (it resumes from the last checkpoint, truncates the logged
 steps after it and re-runs them). Every logged step's parsed dict and every final parameter
-must be exactly equal. Rerunning in that workdir with a different model is a clear error (exit
+must be exactly equal. The runs use continuous rollouts, so the checkpoint the run resumes from
+holds episodes in flight (env states, KV caches, turn records), which must continue exactly. Rerunning in that workdir with a different model is a clear error (exit
 2, naming the field), never a silent re-initialisation. ``experiments.eval`` then reports greedy /
 sampled success and pass@k and renders episodes. One test function: the runs share their
 compilations (persistent cache) and workdirs. Subprocess settings: see test_cli.py.
@@ -27,7 +28,9 @@ from tests.experiments.test_cli import (ABSL_INFO, ROOT, TINY, cli_env, eval_cmd
                                        last_line, run, train_cmd)
 
 TOTAL = 12
-RUN = {"total_updates": TOTAL}
+# continuous rollouts: the checkpoints hold episodes in flight (5 turn steps an update, episodes
+# of up to 8 turns), which the resumed run must continue exactly
+RUN = {"total_updates": TOTAL, "rollout.mode": "continuous", "rollout.continuous.turns_per_update": 5}
 
 
 def read_rows(workdir) -> list[dict]:
@@ -103,8 +106,10 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, jax_cache)
     for a, b in zip(leaves_ref, leaves):
         np.testing.assert_array_equal(a, b)
     # training moved the parameters (so the equality above is not vacuous)
-    first = np.asarray(ref_rows[0]["grad_norm"])
-    assert first > 0 and ref_rows[-1]["loss"] != ref_rows[0]["loss"]
+    assert any(r["grad_norm"] > 0 for r in ref_rows) and len({r["loss"] for r in ref_rows}) > 1
+    # the checkpoint resumed from carried episodes in flight into the re-run updates
+    assert ref_rows[resumed_from - 1]["continuous/slots_in_episode"] > 0
+    assert sum(r["continuous/groups_completed"] for r in ref_rows) > 0
 
     # resuming with a different model: exit 2 naming the field, the workdir is left alone
     before = sorted(os.listdir(wd / "checkpoints"))

@@ -110,6 +110,10 @@ def test_episodes_carried_over_an_update_boundary(setup, reprefill):
                                       err_msg=f)
     np.testing.assert_allclose(np.asarray(traj.behaviour_logp), np.asarray(want.behaviour_logp),
                                atol=1e-4 if reprefill else 1e-5)
+    version = np.asarray(traj.behaviour_version)
+    mask = np.asarray(want.loss_mask)
+    np.testing.assert_array_equal(version[mask], np.where(np.asarray(want.turn_ids)[mask] < 2, 0, 1))
+    assert (version[~mask] == -1).all()
     first_two = np.asarray(want.loss_mask & (want.turn_ids < 2)).sum()
     assert float(m1["continuous/staleness_max"]) == 1
     np.testing.assert_allclose(float(m1["continuous/staleness_mean"]),
