@@ -39,18 +39,29 @@ def setup():
     return tr, params
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted(env, policy, settings, capacity):
+    """One compiled rollout per (settings, capacity), reused across calls and tests."""
+    return jax.jit(lambda params, carried, key, version: C.continue_rollout(
+        env, policy, params, GREEDY, carried, key, version, settings, group_size=G,
+        capacity=capacity))
+
+
 def _continue(tr, params, carried, key, version, settings, capacity=GROUPS):
-    fn = jax.jit(functools.partial(C.continue_rollout, tr.env, tr.policy, params, GREEDY,
-                                   settings=settings, group_size=G, capacity=capacity))
-    return fn(carried, key, jnp.int32(version))
+    return _jitted(tr.env, tr.policy, settings, capacity)(params, carried, key,
+                                                          jnp.int32(version))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_sync(env, model):
+    return jax.jit(lambda params, reset_keys: run_episodes(
+        env, model_policy(model, params, env, GREEDY), jax.random.PRNGKey(9), GROUPS, G,
+        reset_keys=reset_keys))
 
 
 def _sync(tr, params, start_key):
     """The synchronous rollout of the tasks the continuous one starts with ``start_key``."""
-    reset_keys = jax.random.split(start_key, GROUPS)
-    policy = model_policy(tr.policy, params, tr.env, GREEDY)
-    return jax.jit(lambda: run_episodes(tr.env, policy, jax.random.PRNGKey(9), GROUPS, G,
-                                        reset_keys=reset_keys))()
+    return _jitted_sync(tr.env, tr.policy)(params, jax.random.split(start_key, GROUPS))
 
 
 def _first_start_key(key):
@@ -154,12 +165,18 @@ def _cont_config(**cont):
     return c
 
 
+@functools.lru_cache(maxsize=None)
+def _cont_trainer():
+    """The continuous trainer of ``_cont_config()`` on one device (its update compiled once)."""
+    return make_trainer(_cont_config())
+
+
 def test_trainer_update_and_checkpoint_round_trip(tmp_path):
     """The update carries the episodes in ``TrainState.rollout``; 4 updates in a row equal 2,
     a checkpoint save / restore (orbax), and 2 more."""
     from experiments.checkpointing import Checkpointer
 
-    tr = make_trainer(_cont_config())
+    tr = _cont_trainer()
     state = tr.fresh_state(jax.random.PRNGKey(0))
     straight = []
     s = state
@@ -210,8 +227,8 @@ def test_carried_rollout_is_the_same_on_a_mesh():
     for shape in ((1, 1, 1), (2, 2, 1)):
         c = _cont_config()
         c.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
-        mesh = None if shape == (1, 1, 1) else make_mesh(c.mesh, jax.devices()[:4])
-        tr = Trainer(c, mesh)
+        tr = (_cont_trainer() if shape == (1, 1, 1)
+              else Trainer(c, make_mesh(c.mesh, jax.devices()[:4])))
         state = tr.place(tr.fresh_state(jax.random.PRNGKey(0)))
         metrics = []
         for _ in range(2):
