@@ -219,7 +219,10 @@ def _reprefill(env, sampler, params, c: CarriedRollout, group_size: int) -> Carr
     rec = {k: v for k, v in c.rec.items() if k != "version"}
     hist = assemble_trajectory(env, c.prompt, c.prompt_valid, rec,
                                jnp.arange(s, dtype=jnp.int32) // group_size)
-    cache = models.init_cache(sampler.cfg, s, env.max_episode_tokens)
+    # the barrier keeps XLA from constant-folding attention over the all-zero cache at compile
+    # time (as in ``rollout.model_policy``)
+    cache = jax.lax.optimization_barrier(models.init_cache(sampler.cfg, s,
+                                                           env.max_episode_tokens))
     logits, cache = models.prefill(sampler, params, jnp.where(hist.valid, hist.tokens, 0), cache,
                                    valid=hist.valid, last_only=True)
     return c.replace(cache=cache, logits=jnp.where(hist.valid.any(-1)[:, None],

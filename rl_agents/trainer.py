@@ -11,7 +11,9 @@ algorithm's extra stage) and exposes jitted pure functions:
 ``update`` is five named stages, each a method of explicit inputs and outputs; nothing is kept
 on the trainer between them:
 
-    collect     policy params, key -> episodes, row weights     (+ DAPO's dynamic sampling)
+    collect     policy params, key -> episodes, row weights     (+ DAPO's dynamic sampling;
+                                      ``rollout.mode = "continuous"``: ``collect_continuous``,
+                                      the carried slots' turn steps, ``rl_agents.continuous``)
     score       state, episodes    -> learned-RM / PRIME rewards (+ the PRM's online step)
     advantages  state, episodes    -> training batch: reference log-probs, critic values,
                                       shaped rewards (KL-in-reward, overlong penalty), the
