@@ -59,5 +59,7 @@ def batch_pick(args, kwargs, out):
 
 
 def traj_pick(args, kwargs, out):
-    """``_sample_groups`` → the sampled trajectory as a dict of its fields."""
-    return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    """``_sample_groups`` → the sampled trajectory as a dict of its fields (those that are set:
+    ``behaviour_version`` is None outside continuous rollouts)."""
+    return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)
+            if getattr(out, f.name) is not None}
