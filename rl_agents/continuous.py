@@ -42,7 +42,7 @@ from flax import struct
 import models
 from envs.wrappers import _is_key
 from rl_agents.hashing import hash_tokens
-from rl_agents.rollout import _prefix_valid, assemble_trajectory, model_policy
+from rl_agents.rollout import _prefix_valid, assemble_trajectory, model_policy, play_turn
 
 #: turn-record fields of ``rollout.run_episodes`` plus the sampling version
 _NO_VERSION = jnp.iinfo(jnp.int32).max
@@ -186,20 +186,11 @@ def _turn_step(env, policy, c: CarriedRollout, key, version):
     """One turn of every slot still in an episode (``rollout.run_episodes``'s turn), the
     records written at each slot's own turn index."""
     active = ~c.done
-    out, (cache, logits) = policy.act((c.cache, c.logits), c.env_state, active, key)
-    action = jnp.where(out.action_valid, out.action, env.fill_id)
-    new_state, ts = jax.vmap(env.step)(c.env_state, action)
-    obs = jnp.where(active[:, None], ts.observation.astype(jnp.int32), env.fill_id)
-    obs_valid = _prefix_valid(obs, env.fill_id) & active[:, None]
-    cache, logits = policy.observe((cache, logits), obs, obs_valid)
-    record = dict(
-        action=action, action_valid=out.action_valid & active[:, None],
-        logp=jnp.where(out.action_valid, out.logp, 0.0), obs=obs, obs_valid=obs_valid,
-        reward=jnp.where(active, ts.reward, 0.0).astype(jnp.float32), active=active,
-        obs_hash=c.seen_hash, format_error=ts.info["format_error"] & active,
-        success=ts.info["success"] & active, terminated=ts.terminated & active,
-        truncated=ts.truncated & active,
-        version=jnp.full(active.shape, version, jnp.int32))
+    new_state, (cache, logits), ts, record = play_turn(env, policy, c.env_state,
+                                                       (c.cache, c.logits), active,
+                                                       c.seen_hash, key)
+    record["version"] = jnp.full(active.shape, version, jnp.int32)
+    obs = record["obs"]
     s = active.shape[0]
     idx = jnp.where(active, c.turn, env.max_turns)          # inactive rows: dropped writes
     rec = {k: v.at[jnp.arange(s), idx].set(record[k], mode="drop") for k, v in c.rec.items()}

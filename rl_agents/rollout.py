@@ -193,6 +193,27 @@ def compact(tree_tokens_first: dict[str, jax.Array], valid: jax.Array) -> tuple[
     return out, jnp.take_along_axis(valid, order, axis=1)
 
 
+def play_turn(env: Env, policy: TurnPolicy, env_state, pstate, active, seen_hash, key):
+    """One turn of the rows in ``active``: the policy acts, the envs step (``vmap``), the
+    observation is fed back. Returns ``(new env states, pstate, timestep, record)``, the record
+    holding the turn's per-row fields (action, masks, behaviour log-probs, observation, reward,
+    flags; ``obs_hash`` = ``seen_hash``, the observation acted on)."""
+    out, pstate = policy.act(pstate, env_state, active, key)
+    action = jnp.where(out.action_valid, out.action, env.fill_id)
+    new_state, ts = jax.vmap(env.step)(env_state, action)
+    obs = jnp.where(active[:, None], ts.observation.astype(jnp.int32), env.fill_id)
+    obs_valid = _prefix_valid(obs, env.fill_id) & active[:, None]
+    pstate = policy.observe(pstate, obs, obs_valid)
+    reward = jnp.where(active, ts.reward, 0.0).astype(jnp.float32)
+    record = dict(
+        action=action, action_valid=out.action_valid & active[:, None],
+        logp=jnp.where(out.action_valid, out.logp, 0.0), obs=obs, obs_valid=obs_valid,
+        reward=reward, active=active, obs_hash=seen_hash,
+        format_error=ts.info["format_error"] & active, success=ts.info["success"] & active,
+        terminated=ts.terminated & active, truncated=ts.truncated & active)
+    return new_state, pstate, ts, record
+
+
 def run_episodes(env: Env, policy: TurnPolicy, key: jax.Array, num_groups: int,
                  group_size: int = 1, reset_keys: jax.Array | None = None,
                  shard_rows: Callable[[Any], Any] = lambda tree: tree) -> Trajectory:
@@ -217,22 +238,11 @@ def run_episodes(env: Env, policy: TurnPolicy, key: jax.Array, num_groups: int,
     def turn(carry, turn_key):
         env_state, pstate, done, seen_hash = carry
         active = ~done
-        out, pstate = policy.act(pstate, env_state, active, turn_key)
-        action = jnp.where(out.action_valid, out.action, env.fill_id)
-        new_state, ts = jax.vmap(env.step)(env_state, action)
-        obs = jnp.where(active[:, None], ts.observation.astype(jnp.int32), env.fill_id)
-        obs_valid = _prefix_valid(obs, env.fill_id) & active[:, None]
-        pstate = policy.observe(pstate, obs, obs_valid)
-        reward = jnp.where(active, ts.reward, 0.0).astype(jnp.float32)
-        record = dict(
-            action=action, action_valid=out.action_valid & active[:, None],
-            logp=jnp.where(out.action_valid, out.logp, 0.0), obs=obs, obs_valid=obs_valid,
-            reward=reward, active=active, obs_hash=seen_hash,
-            format_error=ts.info["format_error"] & active, success=ts.info["success"] & active,
-            terminated=ts.terminated & active, truncated=ts.truncated & active)
+        new_state, pstate, ts, record = play_turn(env, policy, env_state, pstate, active,
+                                                  seen_hash, turn_key)
         new_done = done | (active & ts.done)
         # the observation the next turn acts on (the prompt before the first turn)
-        seen_hash = jnp.where(active, hash_tokens(obs), seen_hash)
+        seen_hash = jnp.where(active, hash_tokens(record["obs"]), seen_hash)
         return (new_state, pstate, new_done, seen_hash), record
 
     done0 = jnp.zeros((b,), bool)

@@ -206,7 +206,6 @@ class Trainer:
         self.mesh = mesh
         self.env = make_env(config)
         self.algorithm = get_algorithm(config.rl.algorithm)
-        self.stage_name = self.algorithm.stage
         check_options(config)
         self.pretrained = None
         if config.model.get("hf_checkpoint", ""):
@@ -242,7 +241,7 @@ class Trainer:
         self.sampling = SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
         self.context = _context(self)
         self.continuous = continuous_lib.settings_from_config(config)   # None: "sync"
-        if self.continuous is not None and (self.algorithm.dynamic_sampling or self.stage_name
+        if self.continuous is not None and (self.algorithm.dynamic_sampling or self.algorithm.stage
                                             or self.context.name != "full"):
             raise ValueError(f"config.rollout.mode='continuous' is not supported with "
                              f"config.rl.algorithm={self.algorithm.name!r} / context.mode="
