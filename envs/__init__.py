@@ -2,7 +2,7 @@
 
     import envs
     env = envs.make("kv_search", hops=2)        # -> envs.tasks.kv_search.KvSearchEnv
-    envs.registered()                           # the seven task names
+    envs.registered()                           # the nine task names
 
 Task modules are imported lazily (``envs.tasks.<name>``) so that importing ``envs`` is cheap
 and a broken task module only fails when it is asked for.
@@ -25,6 +25,9 @@ _REGISTRY: dict[str, tuple[str, str] | type] = {
     "wordle": ("envs.tasks.wordle", "WordleEnv"),
     "keychain": ("envs.tasks.keychain", "KeychainEnv"),
     "bandit": ("envs.tasks.bandit", "BanditEnv"),
+    # tasks in words (Env.phrases): only with a Hugging Face checkpoint's tokenizer
+    "word_problems": ("envs.tasks.word_problems", "WordProblemsEnv"),
+    "kb_qa": ("envs.tasks.kb_qa", "KbQaEnv"),
 }
 
 

@@ -54,6 +54,13 @@ class Env:
     fill_id: int = vocab.PAD
     stop_ids: tuple = (vocab.EOS,)
     fill_ends_action: bool = True
+    # a task in words: symbol ``vocab.size + i`` of a prompt / observation is the text
+    # ``phrases[i]`` (``vocab.decode(row, phrases=env.phrases)``); only a tokenizer renders it
+    # (``envs.tokenizer_bridge``, ``config.model.hf_checkpoint``), the 64-symbol models cannot
+    phrases: tuple = ()
+    # the longest observation after the prompt, in symbols, when shorter than ``obs_len``
+    # (None: ``obs_len``); a tokenizer-bridged env sizes its observation rows by it
+    step_obs_len: int | None = None
 
     def reset(self, key: jax.Array) -> tuple[Any, TimeStep]:
         raise NotImplementedError

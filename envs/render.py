@@ -18,22 +18,24 @@ import numpy as np
 from envs import vocab
 
 
-def decode_safe(tokens: Sequence[int]) -> str:
-    """``vocab.decode`` that writes an out-of-vocabulary id ``i`` as ``#i`` instead of raising."""
+def decode_safe(tokens: Sequence[int], phrases: Sequence[str] = ()) -> str:
+    """``vocab.decode`` (with an env's ``phrases``) that writes an id ``i`` outside the
+    vocabulary as ``#i`` instead of raising."""
     toks = [int(t) for t in np.asarray(tokens).reshape(-1)]
-    if all(0 <= t < vocab.size for t in toks):
-        return vocab.decode(toks)
+    limit = vocab.size + len(phrases)
+    if all(0 <= t < limit for t in toks):
+        return vocab.decode(toks, phrases=phrases)
     parts, run = [], []
     for t in toks:
-        if 0 <= t < vocab.size:
+        if 0 <= t < limit:
             run.append(t)
             continue
         if run:
-            parts.append(vocab.decode(run))
+            parts.append(vocab.decode(run, phrases=phrases))
             run = []
         parts.append(f"#{t}")
     if run:
-        parts.append(vocab.decode(run))
+        parts.append(vocab.decode(run, phrases=phrases))
     return " ".join(p for p in parts if p)
 
 
@@ -70,6 +72,7 @@ def render_episode(env, prompt, actions, observations, rewards, dones=None) -> s
     done_flags = None if dones is None else np.asarray(dones, bool).reshape(-1)
     if done_flags is not None and done_flags.shape[0] != T:
         raise ValueError(f"dones must have {T} entries, got {done_flags.shape[0]}")
+    phrases = tuple(getattr(env, "phrases", ()))
     head = "episode" if env is None else f"{getattr(env, 'name', type(env).__name__)} episode"
     if env is not None:
         head += f" (obs_len={env.obs_len}, action_len={env.action_len}, max_turns={env.max_turns})"
@@ -77,7 +80,7 @@ def render_episode(env, prompt, actions, observations, rewards, dones=None) -> s
     total, n = 0.0, 0
     for t in range(T):
         done = bool(done_flags[t]) if done_flags is not None else False
-        rows.append((f"turn {t + 1}:", action_text(actions[t]), decode_safe(observations[t]),
+        rows.append((f"turn {t + 1}:", action_text(actions[t]), decode_safe(observations[t], phrases),
                      f"[reward {rewards[t]:+.2f}{', done' if done else ''}]"))
         total += float(rewards[t])
         n += 1
@@ -85,7 +88,7 @@ def render_episode(env, prompt, actions, observations, rewards, dones=None) -> s
             break
     wa = max((len(r[1]) for r in rows), default=0)
     wo = max((len(r[2]) for r in rows), default=0)
-    lines = [head, f"  prompt: {decode_safe(prompt)}"]
+    lines = [head, f"  prompt: {decode_safe(prompt, phrases)}"]
     for label, act, obs, rew in rows:
         lines.append(f"  {label} {act.ljust(wa)}  ->  {obs.ljust(wo)}   {rew}")
     lines.append(f"  return {total:+.2f} over {n} turns")

@@ -9,7 +9,10 @@ them (the ``Env`` contract, rows in tokenizer ids):
   space before every symbol except the first and except a digit after a digit or a letter after
   a letter). Each symbol has two renderings, ``tokenizer.encode(text)`` and
   ``tokenizer.encode(" " + text)``; a row is rendered by concatenating the rendering each
-  position asks for. Where the tokenizer encodes a whole observation the same way (it is
+  position asks for. A task in words (``Env.phrases``) adds phrase symbols ``vocab.size + i``
+  with the text ``phrases[i]`` (a space before it unless it starts with punctuation), rendered
+  the same way; a run of letters that spells one of its lowercase words renders as that word
+  (``fuse_words``). A row of L symbols renders to at most ``row_bound(L)`` ids. Where the tokenizer encodes a whole observation the same way (it is
   *canonical* for these texts: e.g. digits split one by one, as in Qwen2), the rendered ids
   equal ``tokenizer.encode(vocab.decode(row))``; ``check_canonical`` measures it and the bridge
   warns where it does not hold (e.g. Llama-3 groups digits in threes).
@@ -54,8 +57,16 @@ from envs.base import Env
 TAG_MODES = ("special", "text")
 FILL = -1                      # the bridged env's fill value: not a token id
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")   # one of them must exist
+# symbol kinds for the spacing rule: 0 tag, 1 digit, 2 letter, 3 operator, 4 phrase (a space
+# before it), 5 glued phrase (punctuation: no space before it)
 _KIND = np.array([0 if t in vocab.SPECIALS else 1 if t in vocab.DIGITS else
                   2 if t in vocab.LETTERS else 3 for t in vocab.TOKENS], np.int32)
+
+
+def symbol_kinds(phrases: Sequence[str] = ()) -> np.ndarray:
+    """int32 [vocab.size + len(phrases)]: the spacing kind of every symbol (see ``_KIND``)."""
+    extra = [5 if vocab.phrase_kind(p) == "glued" else 4 for p in phrases]
+    return np.concatenate([_KIND, np.asarray(extra, np.int32)]).astype(np.int32)
 _TAGS = tuple(t for t in vocab.SPECIALS if t not in ("<pad>", "<eos>"))
 # every tag as its characters' symbols: '<' letters '>'
 _TAG_PATTERNS = [[vocab.LESS] + [vocab.TOKEN_TO_ID[c] for c in t[1:-1]] + [vocab.GREATER]
@@ -67,6 +78,9 @@ class TokenizerBridge:
     """Tables between env symbols and a tokenizer's ids (built by ``build_bridge``)."""
     render_ids: np.ndarray     # int32 [2, S, R]: symbol s rendered without / with a leading space
     render_len: np.ndarray     # int32 [2, S]
+    symbol_kind: np.ndarray    # int32 [S]: the spacing kind of each symbol (``symbol_kinds``)
+    phrases: tuple             # the env's phrases: symbols vocab.size, vocab.size + 1, ...
+    words: tuple               # (phrase symbol, its letters' symbols) for lowercase-word phrases
     parse_ids: np.ndarray      # int32 [V, P]: the env symbols of token id v (PAD after)
     parse_len: np.ndarray      # int32 [V]: how many; -1 = unparseable
     prompt_prefix: tuple       # chat pieces (token ids)
@@ -82,6 +96,21 @@ class TokenizerBridge:
     @property
     def max_render(self) -> int:
         return int(self.render_len.max())
+
+    def row_bound(self, length: int, actions: bool = False) -> int:
+        """The most token ids a row of ``length`` symbols renders to: the first symbol without a
+        leading space, each later one with a space or glued (a digit after a digit, a letter
+        after a letter, punctuation). ``actions``: only the symbols an action can hold (the
+        64 symbols and the word phrases its letter runs fuse into)."""
+        kind, rl = self.symbol_kind, self.render_len
+        allowed = np.ones(len(kind), bool)
+        if actions:
+            allowed[vocab.size:] = False
+            allowed[[w for w, _ in self.words]] = True
+        glued = np.isin(kind, (1, 2, 5))
+        first = int(rl[0, allowed].max())
+        later = int(max(rl[1, allowed].max(), rl[0, allowed & glued].max(initial=0)))
+        return first + max(length - 1, 0) * later
 
 
 # ============================================================================ host: loading
@@ -162,8 +191,8 @@ def _chat_pieces(tok, stop_ids) -> tuple[list, list, list, list, int]:
         end_of_turn
 
 
-def _symbol_text(s: int) -> str:
-    return vocab.TOKENS[s]
+def _symbol_text(s: int, phrases: Sequence[str] = ()) -> str:
+    return vocab.TOKENS[s] if s < vocab.size else phrases[s - vocab.size]
 
 
 def _parse_text(text: str) -> list[int] | None:
@@ -185,9 +214,15 @@ def _add_special_tokens(tok, tokens: list[str]) -> None:
 
 
 def build_bridge(tokenizer, stop_ids: Sequence[int] | None = None, tags: str = "special",
-                 max_symbols_per_token: int = 16) -> TokenizerBridge:
+                 max_symbols_per_token: int = 16, phrases: Sequence[str] = ()) -> TokenizerBridge:
     """Build the tables for ``tokenizer`` (mutated: with ``tags="special"`` the env tags it
-    lacks are added as special tokens). ``stop_ids`` default to the tokenizer's EOS."""
+    lacks are added as special tokens). ``stop_ids`` default to the tokenizer's EOS.
+    ``phrases``: the words of an env that writes natural-language text (``Env.phrases``,
+    symbols ``vocab.size + i``), rendered like any symbol."""
+    phrases = tuple(phrases)
+    if not all(isinstance(p, str) and p.strip() == p and p for p in phrases):
+        raise ValueError("phrases must be non-empty strings without surrounding whitespace, got "
+                         f"{next(p for p in phrases if not (isinstance(p, str) and p.strip() == p and p))!r}")
     if tags not in TAG_MODES:
         raise ValueError(f"tags={tags!r} is not one of {TAG_MODES}")
     tok = tokenizer
@@ -210,18 +245,19 @@ def build_bridge(tokenizer, stop_ids: Sequence[int] | None = None, tags: str = "
 
     # render tables
     enc = {}
+    n_sym = vocab.size + len(phrases)
     for sp in (0, 1):
-        for s in range(vocab.size):
+        for s in range(n_sym):
             if s == vocab.PAD:
                 ids = []
             elif s == vocab.EOS:
                 ids = [eot]
             else:
-                ids = _encode(tok, (" " if sp else "") + _symbol_text(s))
+                ids = _encode(tok, (" " if sp else "") + _symbol_text(s, phrases))
             enc[sp, s] = ids
     r = max(len(x) for x in enc.values())
-    render_ids = np.full((2, vocab.size, r), FILL, np.int32)
-    render_len = np.zeros((2, vocab.size), np.int32)
+    render_ids = np.full((2, n_sym, r), FILL, np.int32)
+    render_len = np.zeros((2, n_sym), np.int32)
     for (sp, s), ids in enc.items():
         render_ids[sp, s, :len(ids)] = ids
         render_len[sp, s] = len(ids)
@@ -243,7 +279,10 @@ def build_bridge(tokenizer, stop_ids: Sequence[int] | None = None, tags: str = "
             continue
         parse_ids[i, :len(syms)] = syms
         parse_len[i] = len(syms)
-    return TokenizerBridge(render_ids, render_len, parse_ids, parse_len, tuple(pp), tuple(ps),
+    words = tuple((vocab.size + i, tuple(vocab.TOKEN_TO_ID[c] for c in p))
+                  for i, p in enumerate(phrases) if all(c in vocab.LETTERS for c in p))
+    return TokenizerBridge(render_ids, render_len, symbol_kinds(phrases), phrases, words,
+                           parse_ids, parse_len, tuple(pp), tuple(ps),
                            tuple(op), tuple(os_), stop_ids, int(eot), v, tags, tuple(added))
 
 
@@ -261,20 +300,61 @@ def init_new_rows(table: np.ndarray, old_rows: int, new_rows: int) -> np.ndarray
 
 
 # ============================================================================ jit: render / parse
-def _space_flags(row: jax.Array, n: jax.Array) -> jax.Array:
-    """1 where ``vocab.decode`` writes a space before position i."""
-    kind = jnp.asarray(_KIND)[row]
+def _space_flags(kinds: np.ndarray, row: jax.Array, n: jax.Array) -> jax.Array:
+    """1 where ``vocab.decode`` writes a space before position i (``kinds``: ``symbol_kinds``)."""
+    kind = jnp.asarray(kinds)[row]
     prev = jnp.concatenate([jnp.full((1,), -1, jnp.int32), kind[:-1]])
-    glued = (kind == prev) & ((kind == 1) | (kind == 2))
+    glued = ((kind == prev) & ((kind == 1) | (kind == 2))) | (kind == 5)
     pos = jnp.arange(row.shape[0])
     return ((pos > 0) & ~glued & (pos < n)).astype(jnp.int32)
 
 
+def _fuse_runs(syms: jax.Array, n: jax.Array, patterns, whole_letter_runs: bool = False):
+    """Replace each run of the first ``n`` symbols that spells a pattern by the pattern's symbol
+    (``patterns``: (symbol, its symbols) pairs; ``whole_letter_runs``: only runs of letters with
+    no letter before or after): ([M] symbols, PAD after; count)."""
+    m = syms.shape[0]
+    pos = jnp.arange(m)
+    start = jnp.full((m,), -1, jnp.int32)
+    skip = jnp.zeros((m + 1,), jnp.int32)
+    is_letter = (syms >= vocab.LETTER_A) & (syms < vocab.LETTER_A + 26) & (pos < n)
+    before = jnp.concatenate([jnp.zeros((1,), bool), is_letter[:-1]])
+    for sym, pat in patterns:
+        k = len(pat)
+        if k > m:
+            continue
+        ok = pos + k <= n
+        if whole_letter_runs:
+            after = jnp.concatenate([is_letter[k:], jnp.zeros((k,), bool)])
+            ok = ok & is_letter & ~before & ~after
+        for j, s in enumerate(pat):
+            ok = ok & (jnp.roll(syms, -j) == s)
+        start = jnp.where(ok, sym, start)
+        skip = skip.at[jnp.where(ok, pos + 1, m)].add(1, mode="drop")
+        skip = skip.at[jnp.where(ok, pos + k, m)].add(-1, mode="drop")
+    covered = jnp.cumsum(skip[:m]) > 0
+    val = jnp.where(start >= 0, start, syms)
+    keep = ~covered & (pos < n)
+    dest = jnp.where(keep, jnp.cumsum(keep) - 1, m)
+    out = jnp.full((m,), vocab.PAD, jnp.int32).at[dest].set(val, mode="drop")
+    return out, keep.sum().astype(jnp.int32)
+
+
+def fuse_words(bridge: TokenizerBridge, row: jax.Array, n: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Replace each whole run of letters that spells a word phrase of the env (``bridge.words``,
+    e.g. a name in an action ``<search> g i n a``) by that phrase's symbol, so that it renders
+    as the tokenizer writes the word: ([L] symbols, PAD after; count)."""
+    return _fuse_runs(row, n, bridge.words, whole_letter_runs=True)
+
+
 def render_symbols(bridge: TokenizerBridge, row: jax.Array, n: jax.Array, out_len: int):
     """Token ids of the first ``n`` symbols of ``row`` (int32 [L]): (ids [out_len] filled with
-    -1, count). ``out_len`` must be at least ``L * bridge.max_render``."""
-    row = jnp.clip(row.astype(jnp.int32), 0, vocab.size - 1)
-    sp = _space_flags(row, n)
+    -1, count). ``out_len`` must be at least ``bridge.row_bound(L)``. Letter runs that spell a
+    word phrase render as that phrase (``fuse_words``)."""
+    row = jnp.clip(row.astype(jnp.int32), 0, bridge.render_len.shape[1] - 1)
+    if bridge.words:
+        row, n = fuse_words(bridge, row, n)
+    sp = _space_flags(bridge.symbol_kind, row, n)
     ids = jnp.asarray(bridge.render_ids)[sp, row]                   # [L, R]
     lens = jnp.where(jnp.arange(row.shape[0]) < n, jnp.asarray(bridge.render_len)[sp, row], 0)
     return _scatter_runs(ids, lens, out_len, FILL)
@@ -312,26 +392,7 @@ def _place(parts: Sequence[tuple], out_len: int) -> jax.Array:
 def fuse_text_tags(syms: jax.Array, n: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Replace each run ``< name >`` of symbols that spells an env tag by the tag symbol:
     ([M] symbols, PAD after; count)."""
-    m = syms.shape[0]
-    pos = jnp.arange(m)
-    start_tag = jnp.full((m,), -1, jnp.int32)
-    skip = jnp.zeros((m + 1,), jnp.int32)
-    for tag, pat in zip(_TAGS, _TAG_PATTERNS):
-        k = len(pat)
-        if k > m:
-            continue
-        ok = pos + k <= n
-        for j, s in enumerate(pat):
-            ok = ok & (jnp.roll(syms, -j) == s)
-        start_tag = jnp.where(ok, vocab.TOKEN_TO_ID[tag], start_tag)
-        skip = skip.at[jnp.where(ok, pos + 1, m)].add(1, mode="drop")
-        skip = skip.at[jnp.where(ok, pos + k, m)].add(-1, mode="drop")
-    covered = jnp.cumsum(skip[:m]) > 0
-    val = jnp.where(start_tag >= 0, start_tag, syms)
-    keep = ~covered & (pos < n)
-    dest = jnp.where(keep, jnp.cumsum(keep) - 1, m)
-    out = jnp.full((m,), vocab.PAD, jnp.int32).at[dest].set(val, mode="drop")
-    return out, keep.sum()
+    return _fuse_runs(syms, n, [(vocab.TOKEN_TO_ID[t], p) for t, p in zip(_TAGS, _TAG_PATTERNS)])
 
 
 def parse_action(bridge: TokenizerBridge, ids: jax.Array, out_len: int) -> jax.Array:
@@ -375,19 +436,25 @@ class BridgedEnv(Env):
 
     def __init__(self, env: Env, bridge: TokenizerBridge, action_tokens: int | None = None,
                  tokenizer: Any = None):
+        phrases = tuple(getattr(env, "phrases", ()))
+        if phrases != bridge.phrases:
+            raise ValueError(f"env {env.name!r} writes {len(phrases)} phrases but the bridge was "
+                             f"built with {len(bridge.phrases)}: build_bridge(..., "
+                             f"phrases=env.phrases)")
         self.env, self.bridge = env, bridge
         self.tokenizer = tokenizer            # optional: for readable episode text (logs)
         self.name = env.name
         self.max_turns = env.max_turns
         self.format_penalty = env.format_penalty
         self.stop_ids = bridge.stop_ids
-        r = bridge.max_render
-        self._render_len = env.obs_len * r
+        self._render_len = bridge.row_bound(env.obs_len)
+        # observations after the prompt may be shorter than it (``Env.step_obs_len``)
+        self._obs_render_len = bridge.row_bound(min(env.obs_len, env.step_obs_len or env.obs_len))
         # the prompt (system / user header ... assistant header) and each observation (user
         # turn) have their own row lengths
         self.prompt_len = len(bridge.prompt_prefix) + len(bridge.prompt_suffix) + self._render_len
-        self.obs_len = len(bridge.obs_prefix) + len(bridge.obs_suffix) + self._render_len
-        need = (env.action_len - 1) * r + 1
+        self.obs_len = len(bridge.obs_prefix) + len(bridge.obs_suffix) + self._obs_render_len
+        need = bridge.row_bound(env.action_len - 1, actions=True) + 1
         if action_tokens is None:
             action_tokens = need
         if isinstance(action_tokens, bool) or not isinstance(action_tokens, int) or action_tokens < 2:
@@ -402,15 +469,15 @@ class BridgedEnv(Env):
     def max_episode_tokens(self) -> int:
         return self.prompt_len + self.max_turns * (self.action_len + self.obs_len)
 
-    def _render_obs(self, row, prefix, suffix, length):
-        ids, n = render_symbols(self.bridge, row, _row_length(row), self._render_len)
+    def _render_obs(self, row, prefix, suffix, length, render_len):
+        ids, n = render_symbols(self.bridge, row, _row_length(row), render_len)
         return _place([prefix, (ids, n), suffix], length)
 
     def reset(self, key):
         """The task prompt as int32 [prompt_len] (not obs_len) ids, -1 after."""
         state, ts = self.env.reset(key)
         obs = self._render_obs(ts.observation, self.bridge.prompt_prefix, self.bridge.prompt_suffix,
-                               self.prompt_len)
+                               self.prompt_len, self._render_len)
         return state, ts.replace(observation=obs)
 
     def env_action(self, action):
@@ -420,7 +487,7 @@ class BridgedEnv(Env):
     def step(self, state, action):
         state, ts = self.env.step(state, self.env_action(action))
         obs = self._render_obs(ts.observation, self.bridge.obs_prefix, self.bridge.obs_suffix,
-                               self.obs_len)
+                               self.obs_len, self._obs_render_len)
         return state, ts.replace(observation=obs)
 
     def render_action(self, action_symbols):
@@ -428,7 +495,8 @@ class BridgedEnv(Env):
         end-of-turn stop id, -1 after (what a demonstration looks like to the model)."""
         row = jnp.asarray(action_symbols, jnp.int32)
         body = jnp.cumprod((row != vocab.PAD) & (row != vocab.EOS)).sum().astype(jnp.int32)
-        ids, n = render_symbols(self.bridge, row, body, row.shape[0] * self.bridge.max_render)
+        ids, n = render_symbols(self.bridge, row, body, self.bridge.row_bound(row.shape[0],
+                                                                              actions=True))
         return _place([(ids, n), (self.bridge.end_of_turn,)], self.action_len)
 
     def oracle_action(self, state, key):
@@ -465,7 +533,7 @@ def check_canonical(env: BridgedEnv, tokenizer, episodes: int = 32, seed: int = 
         ids, n = rend(jnp.asarray(batch))
         ids, n = np.asarray(ids), np.asarray(n)
         for row, r_ids, r_n in zip(batch, ids, n):
-            text = vocab.decode(row)
+            text = vocab.decode(row, phrases=b.phrases)
             want = _encode(tokenizer, text)
             total += 1
             if list(r_ids[:r_n]) == want:
@@ -492,12 +560,14 @@ def oracle_texts(env: Env, episodes: int = 64, seed: int = 0) -> list[str]:
     ``vocab.decode``-d): a corpus to train a tokenizer on."""
     keys = jax.random.split(jax.random.PRNGKey(seed), episodes)
     state, ts = jax.vmap(env.reset)(keys)
-    out = [vocab.decode(r) for r in np.asarray(ts.observation)]
+    ph = tuple(getattr(env, "phrases", ()))
+    out = [vocab.decode(r, phrases=ph) for r in np.asarray(ts.observation)]
     step, oracle = jax.jit(jax.vmap(env.step)), jax.jit(jax.vmap(env.oracle_action))
     for t in range(env.max_turns):
         active = ~np.asarray(state.done)
         a = oracle(state, jax.random.split(jax.random.fold_in(keys[0], t), episodes))
         state, ts = step(state, a)
-        out += [vocab.decode(r) for r, on in zip(np.asarray(a), active) if on]
-        out += [vocab.decode(r) for r, on in zip(np.asarray(ts.observation), active) if on]
+        out += [vocab.decode(r, phrases=ph) for r, on in zip(np.asarray(a), active) if on]
+        out += [vocab.decode(r, phrases=ph) for r, on in zip(np.asarray(ts.observation), active)
+                if on]
     return out

@@ -85,6 +85,16 @@ def encode(text: str) -> list[int]:
     return ids
 
 
+#: a phrase that starts with one of these is written without a space before it
+GLUED_PUNCTUATION = ".,;:!?'"
+
+
+def phrase_kind(text: str) -> str:
+    """"glued" for a phrase written right after the previous text (``"."``, ``"'s"``), else
+    "phrase" (a space before it)."""
+    return "glued" if text[:1] in GLUED_PUNCTUATION else "phrase"
+
+
 def _kind(tok: str) -> str:
     if tok in SPECIALS:
         return "special"
@@ -95,23 +105,31 @@ def _kind(tok: str) -> str:
     return "op"
 
 
-def decode(tokens: Iterable[int], *, skip_pad: bool = True) -> str:
+def decode(tokens: Iterable[int], *, skip_pad: bool = True, phrases: Sequence[str] = ()) -> str:
     """Token ids -> text. ``<pad>`` is dropped unless ``skip_pad=False``.
 
     Runs of digits (a number) and runs of letters (a word) are written without spaces;
-    everything else is separated by one space. Raises ValueError on an id outside the vocab.
+    everything else is separated by one space. ``phrases``: the words of an env that writes
+    natural-language text (``Env.phrases``): id ``size + i`` is ``phrases[i]``, written after a
+    space unless it starts with punctuation (``phrase_kind``). Raises ValueError on an id
+    outside ``[0, size + len(phrases))``.
     """
     parts: list[str] = []
     prev_kind = None
+    limit = size + len(phrases)
     for t in tokens:
         t = int(t)
-        if not 0 <= t < size:
-            raise ValueError(f"token id {t} is outside the vocabulary [0, {size})")
+        if not 0 <= t < limit:
+            raise ValueError(f"token id {t} is outside the vocabulary [0, {limit})")
         if skip_pad and t == PAD:
             continue
-        tok = TOKENS[t]
-        kind = _kind(tok)
-        if parts and not (kind == prev_kind and kind in ("digit", "letter")):
+        if t >= size:
+            tok = phrases[t - size]
+            kind = phrase_kind(tok)
+        else:
+            tok = TOKENS[t]
+            kind = _kind(tok)
+        if parts and kind != "glued" and not (kind == prev_kind and kind in ("digit", "letter")):
             parts.append(" ")
         parts.append(tok)
         prev_kind = kind

@@ -39,7 +39,9 @@ def make_pretrained(env_name: str, out: str, *, env_kwargs: dict | None = None,
                     sft_episodes: int = 1024, epsilon: float = 0.4, sft_epochs: int = 4,
                     vocab_size: int = 512, d_model: int = 128, n_layers: int = 2,
                     seed: int = 0, verbose: bool = True) -> dict:
-    """Steps 1-3: tokenizer, SFT from scratch, ``save_pretrained`` into ``out``."""
+    """Steps 1-3: tokenizer, SFT from scratch, ``save_pretrained`` into ``out``. The tokenizer
+    splits symbol tasks character by character (``pretokenize="symbols"``) and tasks in words
+    (``Env.phrases``) word by word, digits alone (``"qwen2"``)."""
     import envs
     import models
     from envs import tokenizer_bridge as tb
@@ -48,9 +50,11 @@ def make_pretrained(env_name: str, out: str, *, env_kwargs: dict | None = None,
 
     env = envs.make(env_name, **(env_kwargs or {}))
     t0 = time.time()
-    tok = train_tokenizer(tb.oracle_texts(env, episodes=128, seed=seed), vocab_size)
+    texts = tb.oracle_texts(env, episodes=128, seed=seed)
+    texts += [" ".join(env.phrases)] * (16 if env.phrases else 0)   # words other knobs use too
+    tok = train_tokenizer(texts, vocab_size, pretokenize="qwen2" if env.phrases else "symbols")
     stop_ids = (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>"))
-    bridge = tb.build_bridge(tok, stop_ids)               # adds the env tags to the tokenizer
+    bridge = tb.build_bridge(tok, stop_ids, phrases=env.phrases)   # adds the env tags
     benv = tb.BridgedEnv(env, bridge)
     cfg = models.ModelConfig(vocab_size=len(tok), d_model=d_model, n_layers=n_layers, n_heads=4,
                              n_kv_heads=2, d_ff=3 * d_model,
@@ -110,7 +114,8 @@ def run_chain(out: str, *, env_name: str = "guess_number", seeds=(0, 1, 2), upda
               sft_episodes: int = 1024, epsilon: float = 0.4, sft_epochs: int = 4,
               eval_episodes: int = 1024, set_overrides: dict | None = None,
               verbose: bool = True) -> dict:
-    from experiments.configs import load
+    from experiments.configs import available, load
+    from experiments.configs.recipes import recipe
     from experiments.run import build_trainer, run_training
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
@@ -123,7 +128,8 @@ def run_chain(out: str, *, env_name: str = "guess_number", seeds=(0, 1, 2), upda
     runs = []
     start = None
     for seed in seeds:
-        cfg = load(f"{env_name}_grpo")
+        cfg = (load(f"{env_name}_grpo") if f"{env_name}_grpo" in available()
+               else recipe(env_name, "grpo"))
         cfg.model.hf_checkpoint = os.path.abspath(pre_dir)
         cfg.bc.episodes = 0
         cfg.seed = seed

@@ -15,6 +15,10 @@ a turn and the EOS) and Qwen2's ChatML chat template. ``pretokenize``:
   leading space): merges inside words and numbers, as in real checkpoints; the bridge's
   rendering then differs from ``encode`` on multi-digit numbers (it warns), and generated
   merged tokens still parse;
+- ``"qwen2"``: Qwen2's regex (words with their leading space, ``'s`` contractions and
+  punctuation runs as pieces, every digit alone): merges inside words, never across digits,
+  so text in words is encoded word by word and the bridge's rendering of a task in words
+  (``Env.phrases``) equals ``encode``;
 - ``"metaspace"``: SentencePiece-style (Llama-2): spaces become ``▁``, a ``▁`` is prepended
   to the text, words split at spaces; the alphabet is the corpus's characters, not bytes.
 """
@@ -31,7 +35,9 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 chat_words = "system\nYou are a helpful assistant.\nuser\nassistant\n"
-PRETOKENIZE = ("symbols", "words", "metaspace")
+PRETOKENIZE = ("symbols", "words", "qwen2", "metaspace")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, pretokenize: str = "symbols",
@@ -50,6 +56,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, pretokenize: st
     if pretokenize == "symbols":
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(r"[A-Za-z]+\n| ?\S|\s"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pretokenize == "qwen2":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     elif pretokenize == "words":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

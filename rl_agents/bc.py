@@ -191,7 +191,7 @@ def sft_train(model, params, arrays: dict, key: jax.Array, *, epochs: int, batch
 
 
 def warm_start(env: Env, model, params, key: jax.Array, bc_cfg, verbose: bool = False,
-               adapters_only: bool = False):
+               adapters_only: bool = False, logprob_chunk: int = 0):
     """Collect ε-noisy oracle demos (``bc_cfg.episodes``, ``bc_cfg.epsilon``), optionally keep only
     successful ones (``bc_cfg.success_only``), and run SFT on them. Bad ``bc_cfg`` values raise
     a ValueError naming the field before any demo is collected."""
@@ -215,8 +215,7 @@ def warm_start(env: Env, model, params, key: jax.Array, bc_cfg, verbose: bool = 
               f"{float(demos.success.mean()):.3f})", file=sys.stderr, flush=True)
     return sft_train(model, params, dataset_arrays(ds), k_sft, epochs=bc_cfg.epochs,
                      batch_size=bc_cfg.batch_size, lr=bc_cfg.lr, decay=decay, verbose=verbose,
-                     adapters_only=adapters_only,
-                     logprob_chunk=int(getattr(bc_cfg, "logprob_chunk", 0)))
+                     adapters_only=adapters_only, logprob_chunk=logprob_chunk)
 
 
 def raft_select(traj: Trajectory, group_size: int) -> jax.Array:

@@ -80,7 +80,8 @@ def load_pretrained(model_config, env: Env) -> Pretrained:
     tokenizer = tb.load_tokenizer(path)
     n_before = len(tokenizer)
     stop_ids = tb.stop_ids_from(path, tokenizer)
-    bridge = tb.build_bridge(tokenizer, stop_ids, tags=model_config.get("tags", "special"))
+    bridge = tb.build_bridge(tokenizer, stop_ids, tags=model_config.get("tags", "special"),
+                             phrases=env.phrases)
     action_tokens = int(model_config.get("action_tokens", 0)) or None
     benv = tb.BridgedEnv(env, bridge, action_tokens=action_tokens, tokenizer=tokenizer)
     tb.warn_if_not_canonical(benv, tokenizer, episodes=8)    # renderings vs tokenizer.encode

@@ -96,12 +96,24 @@ class TrainState:
 
 def model_config(config, env) -> models.ModelConfig:
     m = config.model
+    if env.phrases:
+        raise ValueError(f"env {env.name!r} is a task in words: it needs a tokenizer, set "
+                         f"config.model.hf_checkpoint (the 64-symbol model cannot read it)")
     return models.ModelConfig(
         vocab_size=vocab.size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
         n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, max_seq_len=env.max_episode_tokens,
         rope_theta=m.rope_theta, attention_impl=m.attention_impl, dtype=m.dtype,
         param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
         tie_embeddings=m.tie_embeddings)
+
+
+def bc_logprob_chunk(config, pretrained: bool) -> int:
+    """The BC warm start's T-chunk: ``bc.logprob_chunk``, or with -1 (the default) the RL loss's
+    ``rl.logprob_chunk`` for a checkpoint's vocabulary and full logits for the 64 symbols."""
+    chunk = int(config.bc.get("logprob_chunk", -1))
+    if chunk < 0:
+        return int(config.rl.get("logprob_chunk", 0)) if pretrained else 0
+    return chunk
 
 
 def make_env(config):
@@ -141,7 +153,9 @@ class FullContext:
 
     def warm_start(self, tr: "Trainer", policy_params, key, *, verbose: bool = False):
         params, _ = bc_lib.warm_start(tr.env, tr.policy, policy_params, key, tr.config.bc,
-                                      verbose=verbose, adapters_only=tr.lora is not None)
+                                      verbose=verbose, adapters_only=tr.lora is not None,
+                                      logprob_chunk=bc_logprob_chunk(tr.config,
+                                                                     tr.pretrained is not None))
         return params
 
     def batch(self, tr: "Trainer", state: TrainState, traj: Trajectory, row_weight) -> dict:

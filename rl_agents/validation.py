@@ -289,6 +289,12 @@ def check_hf_checkpoint(config, ctx):
                 return ("config.model.lora.rank > 0 is not supported with rl.algorithm = "
                         "'archer' (its stage trains the policy with its own optimizer)")
     if path is _MISSING or not path:
+        name = _get(config, "env.name")
+        if ctx.registered_envs is not None and name in ctx.registered_envs:
+            import envs
+            if envs.env_class(name).phrases:
+                return (f"config.env.name = {name!r} is a task in words: it needs a tokenizer, "
+                        f"set config.model.hf_checkpoint (the 64-symbol model cannot read it)")
         return None
     if not isinstance(path, str):
         return f"config.model.hf_checkpoint must be a directory path, got {path!r}"
@@ -388,5 +394,8 @@ def check_config(config, num_devices: int | None = None) -> None:
                               f"{bc.episodes} (no full SFT batch)")
         if not 0.0 <= float(bc.epsilon) <= 1.0:
             raise ConfigError(f"config.bc.epsilon must be in [0, 1], got {bc.epsilon!r}")
+        if int(bc.get("logprob_chunk", -1)) < -1:
+            raise ConfigError(f"config.bc.logprob_chunk must be -1 (automatic), 0 (full logits) "
+                              f"or a chunk length > 0, got {bc.logprob_chunk!r}")
         if bc.get("decay", "constant") not in BC_DECAYS:
             raise ConfigError(f"config.bc.decay = {bc.decay!r} is not one of {', '.join(BC_DECAYS)}")

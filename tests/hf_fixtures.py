@@ -21,7 +21,8 @@ def make_checkpoint_dir(path, env_names=("calculator",), *, vocab_size: int = 38
     path = Path(path)
     texts = []
     for name in env_names:
-        texts += oracle_texts(envs.make(name), episodes=32, seed=seed)
+        env = envs.make(name)
+        texts += oracle_texts(env, episodes=32, seed=seed) + [" ".join(env.phrases)] * 4
     tok = train_tokenizer(texts, vocab_size, pretokenize=pretokenize)
     cfg = models.ModelConfig(vocab_size=len(tok) + pad_rows, d_model=d_model, n_layers=n_layers,
                              n_heads=4, n_kv_heads=2, d_ff=2 * d_model, max_seq_len=2048,

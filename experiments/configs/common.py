@@ -91,7 +91,9 @@ def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collec
     c.bc = ml_collections.ConfigDict(dict(
         episodes=2048, epsilon=0.2, success_only=False, epochs=4, batch_size=64, lr=2e-3,
         decay="constant",    # BC lr: "constant" or "cosine" (annealed to 0 over all BC steps)
-        logprob_chunk=0))    # T-chunked SFT log-probs (0: full [B,T,V] logits; 128 for real vocabularies)
+        # T-chunked SFT log-probs: -1 = rl.logprob_chunk with model.hf_checkpoint (no [B,T,V]
+        # logits at a real vocabulary), full logits for the 64-symbol model; 0 = full; n > 0
+        logprob_chunk=-1))
     # Reward source: the env's reward, or a learned Bradley–Terry reward model (trained on
     # oracle-vs-perturbed preference pairs at init, or loaded from rm_checkpoint); optional
     # PRIME implicit process rewards with the Clip / Delta transforms.

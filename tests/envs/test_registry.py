@@ -11,7 +11,8 @@ import envs
 from envs import vocab
 from envs.base import Env
 
-ALL = ["guess_number", "kv_search", "calculator", "maze", "wordle", "keychain", "bandit"]
+ALL = ["guess_number", "kv_search", "calculator", "maze", "wordle", "keychain", "bandit",
+       "word_problems", "kb_qa"]
 
 
 def test_registered_names():
@@ -49,7 +50,11 @@ def test_every_env_follows_the_contract(name):
         pytest.skip(f"{name}: {e}")
     env = envs.make(name)
     assert isinstance(env, Env) and isinstance(env, cls) and env.name == name
-    assert env.obs_len <= 24 and env.action_len <= 12, (env.obs_len, env.action_len)
+    # tasks in words (phrases) have longer prompts; their observations are rendered by a tokenizer
+    assert env.obs_len <= (32 if env.phrases else 24) and env.action_len <= 12, (env.obs_len,
+                                                                                 env.action_len)
+    assert all(isinstance(p, str) and p for p in env.phrases)
+    assert env.step_obs_len is None or 1 <= env.step_obs_len <= env.obs_len
 
     def reset_oracle_step(key):
         s, ts = env.reset(key)

@@ -232,3 +232,89 @@ def test_new_rows_start_at_the_mean():
     assert out.shape == (6, 3)
     np.testing.assert_array_equal(out[:3], t[:3])
     np.testing.assert_allclose(out[3:], np.broadcast_to(t[:3].mean(0), (3, 3)))
+
+
+# ----------------------------------------------------------------------------- tasks in words
+WORD_ENVS = ("word_problems", "kb_qa")
+
+
+@pytest.fixture(scope="module")
+def words_tok():
+    """A tokenizer trained like a real one on text in words (Qwen2's pre-tokenizer: words
+    merge, digits stay single)."""
+    texts = []
+    for name in WORD_ENVS:
+        env = envs.make(name)
+        texts += tb.oracle_texts(env, episodes=32) + [" ".join(env.phrases)] * 4
+    return train_tokenizer(texts, 400, pretokenize="qwen2")
+
+
+@pytest.mark.parametrize("name", WORD_ENVS)
+def test_words_render_as_the_tokenizer_writes_them(words_tok, name):
+    """Every rendered prompt, observation and oracle action of a task in words equals
+    ``tokenizer.encode`` of its text (phrases one by one; a name spelled by an action's letters
+    renders as the word), and a word is one token, not its letters."""
+    import copy
+    tok = copy.deepcopy(words_tok)
+    inner = envs.make(name)
+    env = tb.BridgedEnv(inner, tb.build_bridge(tok, None, phrases=inner.phrases))
+    rep = tb.check_canonical(env, tok, episodes=16)
+    assert rep["checked"] > 16 and rep["canonical_fraction"] == 1.0, rep["example"]
+    state, ts = env.reset(jax.random.PRNGKey(0))
+    text = vocab.decode(inner.reset(jax.random.PRNGKey(0))[1].observation, phrases=inner.phrases)
+    assert text in tok.decode(_ids(ts.observation))
+    a = _ids(env.oracle_action(state, None))
+    if name == "kb_qa":                       # <search> NAME <stop>: three ids
+        assert len(a) == 3 and tok.decode(a[1:2]).strip() in envs.tasks.kb_qa.NAMES
+    # the rows are sized by the bridge's bound, never cut
+    assert env.obs_len < env.prompt_len and len(_ids(ts.observation)) <= env.prompt_len
+
+
+def test_fuse_words_whole_runs_only(words_tok):
+    import copy
+    tok = copy.deepcopy(words_tok)
+    inner = envs.make("kb_qa")
+    br = tb.build_bridge(tok, None, phrases=inner.phrases)
+    gina = vocab.size + inner.phrases.index("gina")
+
+    def fused(text):
+        row = np.asarray(vocab.pad_to(vocab.encode(text), 10), np.int32)
+        out, n = tb.fuse_words(br, jnp.asarray(row), jnp.int32(len(vocab.encode(text))))
+        return [int(x) for x in np.asarray(out)[:int(n)]]
+
+    assert fused("<search> gina") == [vocab.SEARCH, gina]
+    assert fused("<search> ginab") == vocab.encode("<search> ginab")        # not a whole run
+    assert fused("<search> agina") == vocab.encode("<search> agina")
+    assert fused("gina 3 gina") == [gina, vocab.DIGIT_0 + 3, gina]
+
+
+def test_row_bound_holds_for_random_rows(words_tok):
+    """``row_bound`` never undercounts: random rows of any symbols and phrases render to at most
+    the bound (so no rendered row is cut), and decode to the row's text."""
+    import copy
+    tok = copy.deepcopy(words_tok)
+    inner = envs.make("word_problems")
+    br = tb.build_bridge(tok, None, phrases=inner.phrases)
+    rng = np.random.default_rng(0)
+    n_sym = vocab.size + len(inner.phrases)
+    rows = rng.integers(2, n_sym, size=(256, 12)).astype(np.int32)
+    big = 12 * br.max_render
+    ids, n = jax.jit(jax.vmap(lambda r: tb.render_symbols(br, r, jnp.int32(12), big)))(rows)
+    assert int(np.asarray(n).max()) <= br.row_bound(12)
+    for r, i, k in zip(rows[:32], np.asarray(ids), np.asarray(n)):
+        assert tok.decode([int(x) for x in i[:k]]) == vocab.decode(r, phrases=inner.phrases)
+
+
+def test_a_bridge_without_the_envs_phrases_is_refused(words_tok):
+    import copy
+    tok = copy.deepcopy(words_tok)
+    with pytest.raises(ValueError, match="writes 19 phrases but the bridge was built with 0"):
+        tb.BridgedEnv(envs.make("kb_qa"), tb.build_bridge(tok, None))
+    with pytest.raises(ValueError, match="phrases must be non-empty strings"):
+        tb.build_bridge(tok, None, phrases=(" ann",))
+
+
+def test_qwen2_pretokenizer_keeps_words_and_splits_digits(words_tok):
+    toks = words_tok.tokenize("Ann has 12 apples. How many apples does Ann have now?")
+    assert "Ġapples" in toks and "Ġmany" in toks
+    assert "1" in toks and "2" in toks and not {"12", "Ġ12", "Ġ1"} & set(toks)

@@ -205,3 +205,58 @@ def test_lora_trains_adapters_only_shares_the_base_and_exports_merged(ckpt, tmp_
         theirs = hf(torch.tensor(toks)).logits.numpy()
     ours = np.asarray(tr.policy.apply({"params": pol}, jnp.asarray(toks)))
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
+def test_a_task_in_words_trains_through_the_checkpoint(tmp_path):
+    """kb_qa (questions and facts in words) with a checkpoint whose tokenizer writes words whole:
+    the prompt is the question as text, the oracle solves the bridged task and the trainer
+    re-scores the sampled ids exactly (the update itself is the same as for any task)."""
+    from experiments.configs.recipes import recipe
+    from rl_agents.rollout import oracle_policy, run_episodes
+
+    ck = make_checkpoint_dir(tmp_path / "words", env_names=("kb_qa",), pretokenize="qwen2",
+                             pad_rows=40)
+    cfg = recipe("kb_qa", "grpo", hops=1, relations=2)
+    cfg.model.hf_checkpoint = str(ck)
+    cfg.rollout.num_groups, cfg.rollout.group_size = 2, 2
+    cfg.rl.minibatches = 1
+    cfg.bc.episodes = 0
+    check_config(cfg, num_devices=1)
+    tr = rl_agents.make_trainer(cfg)
+    env, tok = tr.env, tr.pretrained.tokenizer
+    assert env.bridge.phrases == env.env.phrases and env.bridge.words
+    traj = jax.jit(lambda k: run_episodes(env, oracle_policy(env), k, num_groups=8))(
+        jax.random.PRNGKey(0))
+    assert np.asarray(traj.success).all()
+    prompt = np.asarray(traj.tokens[0])[np.asarray(traj.turn_ids[0]) == -1]
+    assert "<task> Who is the " in tok.decode([int(t) for t in prompt if t >= 0])
+    pol = tr.fresh_state(jax.random.PRNGKey(1)).params["policy"]
+    traj = jax.jit(lambda p, k: tr.context.sample(tr, p, k, num_groups=2, group_size=2))(
+        pol, jax.random.PRNGKey(2))
+    mask = np.asarray(traj.loss_mask)
+    assert mask.sum() > 8
+    logp, _ = jax.jit(tr.logprobs)(pol, traj.tokens, traj.valid)
+    np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(traj.behaviour_logp)[mask],
+                               atol=2e-5)
+
+
+def test_bc_warm_start_uses_chunked_logprobs_with_a_checkpoint(ckpt, trainer, monkeypatch):
+    """bc.logprob_chunk = -1 (default): the RL loss's chunk with a checkpoint, full logits for
+    the 64-symbol model; an explicit value wins."""
+    from rl_agents import trainer as trainer_lib
+    seen = []
+    monkeypatch.setattr(trainer_lib.bc_lib, "warm_start",
+                        lambda *a, **kw: (seen.append(kw["logprob_chunk"]), (a[2], {}))[1])
+    assert trainer.config.bc.logprob_chunk == -1 and trainer.config.rl.logprob_chunk == 128
+    trainer.context.warm_start(trainer, None, jax.random.PRNGKey(0))
+    cfg = tiny_config(ckpt)
+    cfg.bc.logprob_chunk = 0
+    assert trainer_lib.bc_logprob_chunk(cfg, pretrained=True) == 0
+    cfg.bc.logprob_chunk = -1
+    assert trainer_lib.bc_logprob_chunk(cfg, pretrained=False) == 0
+    cfg.rl.logprob_chunk = 32
+    assert trainer_lib.bc_logprob_chunk(cfg, pretrained=True) == 32
+    assert seen == [128]
+    cfg.bc.episodes, cfg.bc.batch_size, cfg.bc.logprob_chunk = 8, 8, -2
+    with pytest.raises(ConfigError, match="bc.logprob_chunk must be -1"):
+        check_config(cfg, num_devices=1)
