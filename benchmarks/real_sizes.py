@@ -14,7 +14,9 @@ bridge; 14 tag tokens added in the padded rows; ``vocab_limit`` 151,679), scanne
 rematerialised layers, T-chunked log-probs, ``rollout.num_groups × group_size`` episodes.
 
 Per mode (``full``: every weight trained, AdamW moments for all; ``lora``: rank-16 adapters on
-the seven projections, base frozen):
+the seven projections, base frozen; ``full_bf16`` / ``lora_bf16``: the same with bfloat16
+compute, ``model.dtype=bfloat16``, over float32 master weights and optimizer state, the
+sampler at bfloat16 too, ``rollout.dtype=bfloat16``):
 
 - compiled memory of the jitted rollout and of the jitted update (``memory_analysis()``:
   arguments, outputs, XLA temporaries; the update donates its state, so its peak is about
@@ -105,7 +107,12 @@ def bench_mode(ckpt: str, mode: str, *, num_groups: int, group_size: int, runs: 
     cfg = load("calculator_grpo")
     cfg.model.hf_checkpoint = ckpt
     cfg.model.scan_layers, cfg.model.remat = True, True
-    cfg.model.lora.rank = lora_rank if mode == "lora" else 0
+    base, _, precision = mode.partition("_")
+    if base not in ("full", "lora") or precision not in ("", "bf16"):
+        raise ValueError(f"mode {mode!r} is not one of full, lora, full_bf16, lora_bf16")
+    cfg.model.lora.rank = lora_rank if base == "lora" else 0
+    if precision == "bf16":        # bf16 compute over f32 masters; bf16 sampler
+        cfg.model.dtype, cfg.rollout.dtype = "bfloat16", "bfloat16"
     cfg.rollout.num_groups, cfg.rollout.group_size = num_groups, group_size
     cfg.rl.minibatches, cfg.rl.epochs = 1, 1
     cfg.bc.episodes = 0
@@ -114,16 +121,19 @@ def bench_mode(ckpt: str, mode: str, *, num_groups: int, group_size: int, runs: 
     state = tr.fresh_state(jax.random.PRNGKey(0))
     load_s = time.time() - t0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    n_train = n_params if mode == "full" else sum(
+    n_train = n_params if base == "full" else sum(
         int(np.prod(x.shape)) for x in jax.tree.leaves(lora.adapters(state.params["policy"])))
 
     def sample(p, k):
         return tr.context.sample(tr, p, k, num_groups=num_groups, group_size=group_size)
 
     t0 = time.time()
-    roll = jax.jit(sample).lower(state.params["policy"], state.key).compile()
+    roll = jax.jit(sample).lower(state.params["policy"], state.key).compile()   # casts inside
     roll_compile = time.time() - t0
     out = {"mode": mode, "params": n_params, "trainable": n_train, "load_s": load_s,
+           "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state.params)}),
+           "opt_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state.opt_state)
+                                 if jnp.issubdtype(x.dtype, jnp.floating)}),
            "rollout_compile_s": roll_compile, "rollout_memory": _mem(roll)}
     traj = common.block(roll(state.params["policy"], state.key))
     times, gen = [], []

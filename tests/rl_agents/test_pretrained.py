@@ -260,3 +260,24 @@ def test_bc_warm_start_uses_chunked_logprobs_with_a_checkpoint(ckpt, trainer, mo
     cfg.bc.episodes, cfg.bc.batch_size, cfg.bc.logprob_chunk = 8, 8, -2
     with pytest.raises(ConfigError, match="bc.logprob_chunk must be -1"):
         check_config(cfg, num_devices=1)
+
+
+def test_bf16_compute_over_float32_master_weights(ckpt, trainer):
+    """model.dtype = bfloat16 (param_dtype float32): the state keeps float32 parameters and
+    AdamW moments (the master weights) and the model computes in bfloat16: its log-probs of the
+    same ids differ from the float32 trainer's by bf16 rounding, not more."""
+    cfg = tiny_config(ckpt, "ppo", kl_coef=0.01)
+    cfg.model.dtype = "bfloat16"
+    tr16 = rl_agents.make_trainer(cfg)
+    state = tr16.fresh_state(jax.random.PRNGKey(0))
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state)
+            if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype("float32")}
+    pol = state.params["policy"]
+    traj = jax.jit(lambda p, k: trainer.context.sample(trainer, p, k, num_groups=2,
+                                                       group_size=1))(pol, jax.random.PRNGKey(3))
+    mask = np.asarray(traj.loss_mask)
+    lp32 = np.asarray(jax.jit(trainer.logprobs)(pol, traj.tokens, traj.valid)[0])[mask]
+    lp16 = np.asarray(jax.jit(tr16.logprobs)(pol, traj.tokens, traj.valid)[0])[mask]
+    diff = np.abs(lp16 - lp32)
+    assert 1e-4 < diff.max() < 0.25, diff.max()
