@@ -39,13 +39,13 @@ def evaluate_workdir(config, workdir: str, pass_k: int = 4, num_render: int = 5,
     import jax
     import numpy as np
 
-    from experiments.run import ConfigError, check_config, restore_latest
+    from experiments.run import ConfigError, check_config, config_for_restore, restore_latest
     from rl_agents.rollout import render_trajectory
     from rl_agents.summarization import SupoTrajectory, render_supo_trajectory
 
     if pass_k < 1:
         raise ConfigError(f"--pass_k must be >= 1, got {pass_k}")
-    check_config(config)
+    check_config(config_for_restore(config, workdir))
     trainer, state, step = restore_latest(config, workdir)
     params = state.params["policy"]
     n = config.rollout.eval_episodes

@@ -8,6 +8,9 @@ checkpoint's architecture, ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``; the voc
 the tokenizer's ids, padded embedding rows dropped), the tokenizer (with the env tags the run added) and
 ``generation_config.json`` (the run's stop ids), so that
 ``transformers.AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer`` load it.
+The checkpoint's weights are not read (the trained ones are in the run's checkpoint); when the
+``model.hf_checkpoint`` directory is gone, its weightless copy ``DIR/hf_base`` (written at the
+start of training) gives the config and tokenizer.
 Runs of the library's own model (no ``model.hf_checkpoint``) are exported with
 ``LlamaForCausalLM`` weights and no tokenizer (their vocabulary is ``envs.vocab``).
 Errors (no workdir / checkpoint, a damaged checkpoint) exit with status 2 and one line.

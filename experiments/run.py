@@ -124,10 +124,10 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- start-up checks
-def build_trainer(config, mesh=None) -> Trainer:
+def build_trainer(config, mesh=None, checkpoint_weights: bool = True) -> Trainer:
     """``Trainer(config, mesh)``; a setting it rejects becomes a one-line ConfigError."""
     try:
-        return make_trainer(config, mesh=mesh)
+        return make_trainer(config, mesh=mesh, checkpoint_weights=checkpoint_weights)
     except (ValueError, TypeError) as e:
         msg = " ".join(str(e).split())
         raise ConfigError(msg if msg.startswith("config") else f"config: {msg}") from None
@@ -159,12 +159,30 @@ def _write_workdir_config(config, workdir: str) -> None:
     os.replace(tmp, path)
 
 
+def config_for_restore(config, workdir: str):
+    """``config``, or, when its ``model.hf_checkpoint`` directory is gone, a copy that reads the
+    run's weightless copy of it (``WORKDIR/hf_base``: config, tokenizer with the run's tags,
+    stop ids), enough to restore and export the run's checkpoints."""
+    from rl_agents.pretrained import BASE_DIR
+
+    path = config.model.get("hf_checkpoint", "")
+    base = os.path.join(workdir, BASE_DIR)
+    if not path or os.path.isdir(path) or not os.path.isdir(base):
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.hf_checkpoint = base
+    return config
+
+
 def restore_latest(config, workdir: str, trainer: Trainer | None = None, step: int | None = None):
     """``(trainer, state, step)`` of the latest checkpoint in ``workdir`` (or of ``step``; no mesh
     unless ``trainer`` has one). Raises FileNotFoundError without a (that) checkpoint,
     ConfigError / CheckpointError when it does not fit ``config``."""
     check_workdir_config(config, workdir)
-    trainer = trainer or build_trainer(config)
+    # the checkpoint's weights are not read: the restored state holds the trained ones
+    trainer = trainer or build_trainer(config_for_restore(config, workdir),
+                                       checkpoint_weights=False)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoint under {ckpt_dir}; train first with experiments.train")
@@ -206,6 +224,10 @@ def run_training(config, workdir: str, *, progress: bool = True) -> dict:
     check_workdir_config(config, workdir)
     mesh = make_mesh(config.mesh)
     trainer = build_trainer(config, mesh)
+    if main and trainer.pretrained is not None:
+        from rl_agents.pretrained import BASE_DIR, save_base
+        if not os.path.isdir(os.path.join(workdir, BASE_DIR)):
+            save_base(trainer.pretrained, trainer.model_cfg, os.path.join(workdir, BASE_DIR))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                         save_every=config.checkpoint_every)
     fingerprint = config_fingerprint(config)

@@ -41,6 +41,7 @@ class Pretrained:
     bridge: tb.TokenizerBridge
     architecture: str
     path: str
+    has_weights: bool = True     # False: params are zeros of the right shapes (restore targets)
 
 
 def _grow(params: dict, cfg: models.ModelConfig, old_rows: int, rows: int) -> dict:
@@ -71,8 +72,10 @@ def check_checkpoint_dir(path: str) -> str | None:
     return None
 
 
-def load_pretrained(model_config, env: Env) -> Pretrained:
-    """Load ``model_config.hf_checkpoint`` and bridge ``env`` to its tokenizer (module doc)."""
+def load_pretrained(model_config, env: Env, weights: bool = True) -> Pretrained:
+    """Load ``model_config.hf_checkpoint`` and bridge ``env`` to its tokenizer (module doc).
+    ``weights=False``: the safetensors are not read (a run's base copy has none); ``params`` are
+    zeros of the checkpoint's shapes, a target for restoring a trained state."""
     path = str(model_config.hf_checkpoint)
     problem = check_checkpoint_dir(path)
     if problem:
@@ -86,8 +89,16 @@ def load_pretrained(model_config, env: Env) -> Pretrained:
     benv = tb.BridgedEnv(env, bridge, action_tokens=action_tokens, tokenizer=tokenizer)
     tb.warn_if_not_canonical(benv, tokenizer, episodes=8)    # renderings vs tokenizer.encode
     knobs = {k: model_config[k] for k in RUN_KNOBS if k in model_config}
-    cfg, params = models.load_hf_checkpoint(path, **knobs)
-    arch = config_from_hf(json.loads(Path(path, "config.json").read_text()))[1]
+    hf_cfg = json.loads(Path(path, "config.json").read_text())
+    if weights:
+        cfg, params = models.load_hf_checkpoint(path, **knobs)
+    else:
+        import jax
+        cfg = config_from_hf(hf_cfg, **knobs)[0]
+        shapes = jax.eval_shape(lambda: models.init_params(models.PolicyModel(cfg),
+                                                           jax.random.PRNGKey(0)))
+        params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    arch = config_from_hf(hf_cfg)[1]
     if n_before > cfg.vocab_size:
         raise ValueError(f"config.model.hf_checkpoint: the tokenizer has {n_before} ids but the "
                          f"model's vocab_size is {cfg.vocab_size}")
@@ -100,7 +111,7 @@ def load_pretrained(model_config, env: Env) -> Pretrained:
         raise ValueError(f"config.model.hf_checkpoint: an episode of {env.name} takes up to "
                          f"{need} tokens in this tokenizer but the model's "
                          f"max_position_embeddings is {cfg.max_seq_len}")
-    return Pretrained(benv, cfg, params, tokenizer, bridge, arch, path)
+    return Pretrained(benv, cfg, params, tokenizer, bridge, arch, path, has_weights=weights)
 
 
 def save_tokenizer(pre: Pretrained, out_dir) -> None:
@@ -115,5 +126,21 @@ def save_tokenizer(pre: Pretrained, out_dir) -> None:
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
-__all__ = ["Pretrained", "load_pretrained", "check_checkpoint_dir", "save_tokenizer",
-           "ARCHITECTURES"]
+#: a training workdir's copy of the checkpoint without its weights (``save_base``)
+BASE_DIR = "hf_base"
+
+
+def save_base(pre: Pretrained, model_cfg: models.ModelConfig, out_dir) -> None:
+    """The checkpoint without its weights into ``out_dir``: ``config.json`` (its vocabulary as
+    the run's tables: rows added for tags included), the tag-extended tokenizer and
+    ``generation_config.json``. A run's workdir keeps one, so that its checkpoints restore and
+    export after the original directory is gone (``load_pretrained(..., weights=False)``)."""
+    out_dir = Path(out_dir)
+    save_tokenizer(pre, out_dir)
+    hf = json.loads(Path(pre.path, "config.json").read_text())
+    hf["vocab_size"] = int(model_cfg.vocab_size)
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+
+
+__all__ = ["Pretrained", "load_pretrained", "check_checkpoint_dir", "save_tokenizer", "save_base",
+           "BASE_DIR", "ARCHITECTURES"]

@@ -215,7 +215,8 @@ class Trainer:
     """A run's components and its jitted ``init`` / ``update`` / ``evaluate`` (module docstring).
     Build it with ``make_trainer(config, mesh)``."""
 
-    def __init__(self, config, mesh: jax.sharding.Mesh | None = None):
+    def __init__(self, config, mesh: jax.sharding.Mesh | None = None, *,
+                 checkpoint_weights: bool = True):
         self.config = config
         self.mesh = mesh
         self.env = make_env(config)
@@ -224,7 +225,7 @@ class Trainer:
         self.pretrained = None
         if config.model.get("hf_checkpoint", ""):
             from rl_agents.pretrained import load_pretrained
-            self.pretrained = load_pretrained(config.model, self.env)
+            self.pretrained = load_pretrained(config.model, self.env, weights=checkpoint_weights)
             self.env = self.pretrained.env                # the task in the tokenizer's ids
             self.model_cfg = self.pretrained.model_cfg
         else:
@@ -482,6 +483,10 @@ class Trainer:
     def init(self, key, *, verbose: bool = False) -> TrainState:
         """Fresh params, the context's BC warm start on oracle demos (``config.bc.episodes > 0``),
         critic trunk from the (BC) policy, learned RM / PRM, optimizer and stage states."""
+        if self.pretrained is not None and not self.pretrained.has_weights:
+            raise ValueError(f"config.model.hf_checkpoint: the trainer was built without the "
+                             f"weights of {self.pretrained.path}; it can restore a trained state, "
+                             f"not start one")
         k_init, k_bc, k_state = jax.random.split(key, 3)
         params = self.init_params(k_init)
         if self.config.bc.episodes > 0:
@@ -835,10 +840,12 @@ def episode_metrics(traj: Trajectory, prefix: str, weight=None) -> dict:
     }
 
 
-def make_trainer(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
+def make_trainer(config, mesh: jax.sharding.Mesh | None = None, *,
+                 checkpoint_weights: bool = True) -> Trainer:
     """The ``Trainer`` of ``config`` (any algorithm, any context mode) on ``mesh`` (None: one
-    device, no shardings)."""
-    return Trainer(config, mesh)
+    device, no shardings). ``checkpoint_weights=False``: a ``model.hf_checkpoint``'s weights are
+    not read (the trainer restores a trained state; ``init`` refuses)."""
+    return Trainer(config, mesh, checkpoint_weights=checkpoint_weights)
 
 
 def make_update(config, mesh: jax.sharding.Mesh | None = None):

@@ -135,7 +135,8 @@ def test_train_export_and_transformers_generate_the_same(ckpt, trainer, tmp_path
     # one device, no mesh (the test process has eight: tests/conftest.py)
     monkeypatch.setattr(run_lib, "check_config", lambda c: check_config(c, num_devices=1))
     monkeypatch.setattr(run_lib, "make_mesh", lambda m: None)
-    monkeypatch.setattr(run_lib, "build_trainer", lambda c, mesh=None: trainer)  # compiled once
+    monkeypatch.setattr(run_lib, "build_trainer",                                  # compiled once
+                        lambda c, mesh=None, checkpoint_weights=True: trainer)
 
     cfg = trainer.config
     cfg.total_updates, cfg.eval_every, cfg.checkpoint_every = 1, 1, 1
@@ -281,3 +282,42 @@ def test_bf16_compute_over_float32_master_weights(ckpt, trainer):
     lp16 = np.asarray(jax.jit(tr16.logprobs)(pol, traj.tokens, traj.valid)[0])[mask]
     diff = np.abs(lp16 - lp32)
     assert 1e-4 < diff.max() < 0.25, diff.max()
+
+
+def test_export_and_eval_after_the_checkpoint_dir_is_gone(ckpt, tmp_path, monkeypatch):
+    """A run keeps a weightless copy of its checkpoint (WORKDIR/hf_base: config, tokenizer with
+    the run's tags, stop ids); with the original directory deleted, export writes the same
+    files and restoring reads no weights (init refuses a trainer built that way)."""
+    import shutil
+
+    from experiments import run as run_lib
+    from experiments.export_hf import export_workdir
+    from models.hf_io import read_safetensors
+    from rl_agents.pretrained import BASE_DIR
+
+    monkeypatch.setattr(run_lib, "check_config", lambda c: check_config(c, num_devices=1))
+    monkeypatch.setattr(run_lib, "make_mesh", lambda m: None)
+    src = tmp_path / "ckpt"
+    shutil.copytree(ckpt, src)
+    cfg = tiny_config(src)
+    cfg.total_updates, cfg.eval_every, cfg.checkpoint_every = 1, 1, 1
+    cfg.rollout.eval_episodes = 2
+    wd = tmp_path / "wd"
+    run_lib.run_training(cfg, str(wd), progress=False)
+    assert {"config.json", "tokenizer.json", "generation_config.json"} <= \
+        {p.name for p in (wd / BASE_DIR).iterdir()}
+    assert not list((wd / BASE_DIR).glob("*.safetensors"))
+    export_workdir(str(wd), str(tmp_path / "before"))
+    shutil.rmtree(src)
+    export_workdir(str(wd), str(tmp_path / "after"))
+    a = read_safetensors(tmp_path / "before" / "model.safetensors")
+    b = read_safetensors(tmp_path / "after" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (tmp_path / "before" / name).read_text() == (tmp_path / "after" / name).read_text()
+    tr, state, _ = run_lib.restore_latest(run_lib.config_from_workdir(str(wd)), str(wd))
+    assert not tr.pretrained.has_weights and int(state.step) == 1
+    with pytest.raises(ValueError, match="can restore a trained state, not start one"):
+        tr.init(jax.random.PRNGKey(0))
