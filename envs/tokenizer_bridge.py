@@ -12,7 +12,8 @@ them (the ``Env`` contract, rows in tokenizer ids):
   position asks for. A task in words (``Env.phrases``) adds phrase symbols ``vocab.size + i``
   with the text ``phrases[i]`` (a space before it unless it starts with punctuation), rendered
   the same way; a run of letters that spells one of its lowercase words renders as that word
-  (``fuse_words``). A row of L symbols renders to at most ``row_bound(L)`` ids. Where the tokenizer encodes a whole observation the same way (it is
+  (``fuse_words``). A row of L symbols renders to at most ``row_bound(L)`` ids. Where the
+  tokenizer encodes a whole observation the same way (it is
   *canonical* for these texts: e.g. digits split one by one, as in Qwen2), the rendered ids
   equal ``tokenizer.encode(vocab.decode(row))``; ``check_canonical`` measures it and the bridge
   warns where it does not hold (e.g. Llama-3 groups digits in threes).
@@ -220,9 +221,10 @@ def build_bridge(tokenizer, stop_ids: Sequence[int] | None = None, tags: str = "
     ``phrases``: the words of an env that writes natural-language text (``Env.phrases``,
     symbols ``vocab.size + i``), rendered like any symbol."""
     phrases = tuple(phrases)
-    if not all(isinstance(p, str) and p.strip() == p and p for p in phrases):
-        raise ValueError("phrases must be non-empty strings without surrounding whitespace, got "
-                         f"{next(p for p in phrases if not (isinstance(p, str) and p.strip() == p and p))!r}")
+    bad = [p for p in phrases if not (isinstance(p, str) and p and p.strip() == p)]
+    if bad:
+        raise ValueError(f"phrases must be non-empty strings without surrounding whitespace, "
+                         f"got {bad[0]!r}")
     if tags not in TAG_MODES:
         raise ValueError(f"tags={tags!r} is not one of {TAG_MODES}")
     tok = tokenizer

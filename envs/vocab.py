@@ -95,6 +95,11 @@ def phrase_kind(text: str) -> str:
     return "glued" if text[:1] in GLUED_PUNCTUATION else "phrase"
 
 
+def phrase_id(phrases: Sequence[str], text: str) -> int:
+    """The symbol id of ``text`` among an env's ``phrases``: ``size + phrases.index(text)``."""
+    return size + list(phrases).index(text)
+
+
 def _kind(tok: str) -> str:
     if tok in SPECIALS:
         return "special"

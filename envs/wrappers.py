@@ -37,12 +37,15 @@ def _is_key(x) -> bool:
 
 
 def tree_select(pred, on_true, on_false):
-    """Leafwise ``where(pred, on_true, on_false)`` (scalar ``pred``; typed PRNG keys supported)."""
+    """Leafwise ``where(pred, on_true, on_false)``: a scalar ``pred``, or a per-row one whose
+    shape leads every leaf's (broadcast over the trailing axes); typed PRNG keys supported."""
+    pred = jnp.asarray(pred)
+
     def sel(a, b):
         if _is_key(a):
-            data = jnp.where(pred, jax.random.key_data(a), jax.random.key_data(b))
+            data = sel(jax.random.key_data(a), jax.random.key_data(b))
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
-        return jnp.where(pred, a, b)
+        return jnp.where(pred.reshape(pred.shape + (1,) * (jnp.ndim(a) - pred.ndim)), a, b)
     return jax.tree_util.tree_map(sel, on_true, on_false)
 
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import struct
 
 import models
-from envs.wrappers import _is_key
+from envs.wrappers import tree_select
 from rl_agents.hashing import hash_tokens
 from rl_agents.rollout import _prefix_valid, assemble_trajectory, model_policy, play_turn
 
@@ -83,17 +83,6 @@ class CarriedRollout:
     seen_hash: jax.Array       # uint32 [S]: hash of the observation the next turn acts on
     has_episode: jax.Array     # bool [NG]: the group holds episodes (False: start one)
     first_version: jax.Array   # int32 [NG]: version of the group's first turn (max int: none)
-
-
-def _where_rows(mask, new, old):
-    """Per-row select over a pytree whose leaves lead with the row axis (typed keys too)."""
-    def sel(a, b):
-        if _is_key(a):
-            data = sel(jax.random.key_data(a), jax.random.key_data(b))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
-        m = mask.reshape(mask.shape + (1,) * (a.ndim - 1))
-        return jnp.where(m, a, b)
-    return jax.tree.map(sel, new, old)
 
 
 def _empty_records(env, s: int) -> dict:
@@ -147,11 +136,11 @@ def _start_groups(env, sampler, params, c: CarriedRollout, start, key, group_siz
                                    valid=valid, last_only=True)
     empty = _empty_records(env, rows.shape[0])
     return c.replace(
-        env_state=_where_rows(rows, env_state, c.env_state), cache=cache,
+        env_state=tree_select(rows, env_state, c.env_state), cache=cache,
         logits=jnp.where(rows[:, None], logits.astype(jnp.float32), c.logits),
         prompt=jnp.where(rows[:, None], prompt, c.prompt),
         prompt_valid=jnp.where(rows[:, None], valid, c.prompt_valid),
-        rec=_where_rows(rows, empty, c.rec), turn=jnp.where(rows, 0, c.turn),
+        rec=tree_select(rows, empty, c.rec), turn=jnp.where(rows, 0, c.turn),
         done=jnp.where(rows, False, c.done),
         seen_hash=jnp.where(rows, hash_tokens(prompt), c.seen_hash),
         has_episode=c.has_episode | start,
@@ -197,7 +186,7 @@ def _turn_step(env, policy, c: CarriedRollout, key, version):
     g = c.has_episode.shape[0]
     first = (active & (c.turn == 0)).reshape(g, -1).any(-1)
     return c.replace(
-        env_state=_where_rows(active, new_state, c.env_state), cache=cache,
+        env_state=tree_select(active, new_state, c.env_state), cache=cache,
         logits=logits.astype(jnp.float32), rec=rec, turn=c.turn + active,
         done=c.done | (active & (ts.done | (c.turn + 1 >= env.max_turns))),
         seen_hash=jnp.where(active, hash_tokens(obs), c.seen_hash),

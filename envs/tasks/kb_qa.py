@@ -56,8 +56,7 @@ NAME_LETTERS = max(len(n) for n in NAMES)
 
 
 def phrase_id(text: str) -> int:
-    """The symbol id of phrase ``text`` (``vocab.size + PHRASES.index(text)``)."""
-    return vocab.size + PHRASES.index(text)
+    return vocab.phrase_id(PHRASES, text)
 
 
 _NAME0, _REL0 = phrase_id(NAMES[0]), phrase_id(RELATIONS[0])

@@ -62,8 +62,7 @@ PHRASES = NAMES + ITEMS + CONTAINERS + WORDS
 
 
 def phrase_id(text: str) -> int:
-    """The symbol id of phrase ``text`` (``vocab.size + PHRASES.index(text)``)."""
-    return vocab.size + PHRASES.index(text)
+    return vocab.phrase_id(PHRASES, text)
 
 
 _NAME0, _ITEM0, _CONT0 = phrase_id(NAMES[0]), phrase_id(ITEMS[0]), phrase_id(CONTAINERS[0])
