@@ -1,7 +1,7 @@
 """Synchronous vs continuous rollouts: useful generated tokens per second of the whole update.
 
     python -m benchmarks.continuous_rollouts                      # maze, keychain, calculator
-    python -m benchmarks.continuous_rollouts --envs maze --algos ppo --turns 4,6 --slots 1,2
+    python -m benchmarks.continuous_rollouts --envs maze --algos ppo --fill off --turns 4,6
     python -m benchmarks.continuous_rollouts --quick              # tiny smoke run
 
 For each task and algorithm (``--algos``: ``grpo``, groups of G = 4; ``ppo``, one episode per
@@ -9,22 +9,25 @@ group): its recipe (the default ≈0.4M-parameter model, 64 episodes an update),
 on ``--bc_episodes`` ε-noisy demos (so that episodes end at different turns, as a trained
 policy's do), then the same starting state is updated ``--warmup`` + ``--updates`` times with
 ``rollout.mode = "sync"`` and with ``"continuous"`` for each ``--turns`` value of
-``rollout.continuous.turns_per_update`` and each ``--slots`` multiplier m (slot_groups =
-m · num_groups; the training buffer stays num_groups groups). ``max_staleness`` is
-⌈max_turns / turns_per_update⌉, so no episode is dropped for staleness; carried KV caches, or
-with ``--reprefill on|both`` caches rebuilt from the tokens under the new parameters at each
-update's start. The warm-up updates compile and, in continuous mode, fill the slots; the next
+``rollout.continuous.turns_per_update`` (0: the task's max_turns), each ``--slots`` multiplier m
+(slot_groups = m · num_groups; the training buffer stays num_groups groups) and each ``--fill``
+setting (``on``: ``until_full``, turn steps stop once the buffer is full, at most
+turns_per_update; ``off``: always turns_per_update steps). ``max_staleness`` is the config's
+(4) with ``until_full`` and ⌈max_turns / turns_per_update⌉ without, unless
+``--max_staleness`` sets it; carried KV caches, or with ``--reprefill on|both`` caches rebuilt
+from the tokens under the new parameters at each update's start. The warm-up updates compile and, in continuous mode, fill the slots; the next
 ``--updates`` are timed one by one with the modes interleaved (one update of each in turn), so
 that a change in the machine's load hits every mode alike (whole jitted update: rollout,
 scoring, advantages, two epochs of two minibatches). The rollout alone (the collect stage,
 jitted on its own) is timed the same way, to show its share of the update.
 
-Per row: median seconds per update and per rollout; trained agent tokens per update (the
+Per row: mean turn steps per update; median seconds per update and per rollout; trained
+agent tokens per update (the
 generated tokens of the episodes the update trains on: sync, all episodes; continuous, the
 completed groups in its buffer); **useful tokens/s** = their ratio; the ratio to sync;
 generated tokens per update (continuous: every token sampled, including those of episodes still
-in flight); groups trained per update; the trained episodes' success rate, turns and token
-staleness. Printed as a markdown table with the hardware; ``--out`` writes it and a JSON file.
+in flight); groups trained and groups dropped as stale per update; the trained episodes' success
+rate, turns and token staleness. Printed as a markdown table with the hardware; ``--out`` writes it and a JSON file.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from rl_agents import make_trainer
 
 
 def _config(env: str, algo: str, args, mode: str, turns: int = 0, slots: int = 1,
-            reprefill: bool = False):
+            reprefill: bool = False, until_full: bool = True):
     c = recipe(env, algo)
     c.seed = args.seed
     c.bc.update(episodes=args.bc_episodes, epsilon=0.3)
@@ -59,9 +62,12 @@ def _config(env: str, algo: str, args, mode: str, turns: int = 0, slots: int = 1
         import envs
         max_turns = envs.make(c.env.name, **dict(c.env.kwargs)).max_turns
         c.rollout.continuous.update(slot_groups=slots * c.rollout.num_groups,
-                                    turns_per_update=turns,
-                                    max_staleness=math.ceil(max_turns / turns),
+                                    turns_per_update=turns, until_full=until_full,
                                     reprefill=reprefill)
+        if args.max_staleness is not None:
+            c.rollout.continuous.max_staleness = args.max_staleness
+        elif not until_full:
+            c.rollout.continuous.max_staleness = math.ceil(max_turns / (turns or max_turns))
     return c
 
 
@@ -71,13 +77,15 @@ def _summary(tr, times, rollout_times, rows) -> dict:
     if tr.continuous is None:
         trained = mean("rollout/agent_tokens") * b
         generated = trained
-        extra = dict(groups=float(tr.num_groups), staleness=0.0, dropped=0.0)
+        extra = dict(groups=float(tr.num_groups), staleness=0.0, dropped=0.0,
+                     turn_steps=float(tr.env.max_turns))
     else:
         trained = mean("continuous/trained_tokens")
         generated = mean("continuous/generated_tokens")
         extra = dict(groups=mean("continuous/groups_completed"),
                      staleness=mean("continuous/staleness_mean"),
-                     dropped=mean("continuous/groups_dropped_stale"))
+                     dropped=mean("continuous/groups_dropped_stale"),
+                     turn_steps=mean("continuous/turn_steps"))
     sec = statistics.median(times)
     return dict(sec_per_update=sec, sec_rollout=statistics.median(rollout_times),
                 trained_tokens=trained, generated_tokens=generated,
@@ -109,15 +117,17 @@ def bench_env(env: str, algo: str, args) -> list[dict]:
     print(f"[{env}/{algo}] BC warm start {time.time() - t0:.0f} s; max_turns "
           f"{sync_tr.env.max_turns}", flush=True)
     runs = [("sync", sync_tr.env.max_turns, 0, sync_tr, jax.tree.map(jnp.copy, start))]
-    prefills = {"off": [False], "on": [True], "both": [False, True]}[args.reprefill]
-    for turns, slots, reprefill in [(t, m, p) for t in args.turns for m in args.slots
-                                    for p in prefills]:
-        tr = make_trainer(_config(env, algo, args, "continuous", turns, slots, reprefill))
+    choice = {"off": [False], "on": [True], "both": [False, True]}
+    for turns, slots, reprefill, fill in [(t, m, p, f) for f in choice[args.fill]
+                                          for t in args.turns for m in args.slots
+                                          for p in choice[args.reprefill]]:
+        tr = make_trainer(_config(env, algo, args, "continuous", turns, slots, reprefill, fill))
         state = tr.fresh_state(jax.random.PRNGKey(args.seed)).replace(
             **jax.tree.map(jnp.copy, dict(params=start.params, opt_state=start.opt_state,
                                           ref_params=start.ref_params, key=start.key)))
-        runs.append(("continuous + re-prefill" if reprefill else "continuous", turns, slots, tr,
-                     state))
+        mode = ("continuous, until full" if fill else "continuous") + (
+            " + re-prefill" if reprefill else "")
+        runs.append((mode, turns or tr.env.max_turns, slots, tr, state))
     states = [r[4] for r in runs]
     rollouts = [_rollout_fn(r[3]) for r in runs]
     for _ in range(args.warmup):          # compilation; the continuous slots' first fill
@@ -153,16 +163,19 @@ def bench_env(env: str, algo: str, args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| task | algorithm (G) | mode | turn steps / update | slot groups | s / update "
-             "| rollout s | trained agent tokens / update | useful tok/s | × sync | generated "
-             "tokens / update | groups trained | mean staleness | success (trained) | turns |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | algorithm (G) | mode | max turn steps | slot groups | turn steps / "
+             "update | s / update | rollout s | trained agent tokens / update | useful tok/s | "
+             "× sync | generated tokens / update | groups trained | groups dropped | mean "
+             "staleness | success (trained) | turns |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['env']} | {r['algo']} ({r['group_size']}) | {r['mode']} | "
-            f"{r['turns_per_update']} | {r['slot_groups']} | {r['sec_per_update']:.3f} | "
+            f"{r['turns_per_update']} | {r['slot_groups']} | {r['turn_steps']:.1f} | "
+            f"{r['sec_per_update']:.3f} | "
             f"{r['sec_rollout']:.3f} | {r['trained_tokens']:.0f} | {r['useful_tok_s']:.0f} | "
             f"**{r['ratio']:.2f}** | {r['generated_tokens']:.0f} | {r['groups']:.1f} | "
+            f"{r['dropped']:.1f} | "
             f"{r['staleness']:.2f} | {r['success']:.3f} | {r['turns']:.2f} |")
     return "\n".join(lines)
 
@@ -171,7 +184,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--envs", default="maze,keychain,calculator")
     ap.add_argument("--algos", default="grpo,ppo")
-    ap.add_argument("--turns", default="4", help="turns_per_update values (comma-separated)")
+    ap.add_argument("--turns", default="0",
+                    help="turns_per_update values (comma-separated; 0: the task's max_turns)")
+    ap.add_argument("--fill", default="on", choices=["off", "on", "both"],
+                    help="continuous rows with until_full off, on or both")
+    ap.add_argument("--max_staleness", type=int, default=None,
+                    help="override rollout.continuous.max_staleness")
     ap.add_argument("--slots", default="1,2",
                     help="slot_groups as multiples of num_groups (comma-separated)")
     ap.add_argument("--updates", type=int, default=8, help="timed updates per mode")
@@ -193,7 +211,7 @@ def main(argv=None):
             rows.extend(bench_env(env, algo, args))
     hw = common.machine_note()
     text = (f"{table(rows)}\n\n{hw}; jax {jax.__version__}; "
-            f"{time.strftime('%Y-%m-%d')}; reprefill={args.reprefill}\n")
+            f"{time.strftime('%Y-%m-%d')}; fill={args.fill}; reprefill={args.reprefill}\n")
     print(text)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

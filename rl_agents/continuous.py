@@ -3,8 +3,9 @@
 A synchronous update samples B fresh episodes and waits for the longest one: ``max_turns``
 turn steps however short the others are. In continuous mode the rollout itself lives in the
 training state (``CarriedRollout``: env states, KV caches, next-token logits and the turn
-records of S = ``slot_groups`` × G slots), and each update runs a fixed budget of
-``turns_per_update`` turn steps over all slots:
+records of S = ``slot_groups`` × G slots), and each update runs turn steps over all slots
+until its buffer holds ``rollout.num_groups`` complete groups (``until_full``), at most
+``turns_per_update`` of them (without ``until_full``: always that many):
 
 * a turn step is the synchronous rollout's turn: every slot still in an episode samples its
   action (KV-cached, ``rollout.generate``), the envs step (``vmap``), the observation is
@@ -13,12 +14,13 @@ records of S = ``slot_groups`` × G slots), and each update runs a fixed budget 
 * **groups.** The G slots of a group hold G episodes of one task instance (same reset key),
   started together. When all G have ended, the group is complete: it is written to this
   update's training buffer and its slots start a fresh task (env reset, prompt prefilled into
-  rows whose cache length is set back to 0). A group-relative estimator therefore always sees
-  G whole episodes of one task; the cost is that a group's early finishers idle until its
-  last member ends (as in synchronous mode), but no group waits for another;
+  a fresh cache of the starting rows, ``start_batch_groups`` groups per prefill, then written
+  over the slots' carried cache rows). A group-relative estimator therefore always sees G
+  whole episodes of one task; the cost is that a group's early finishers idle until its last
+  member ends (as in synchronous mode), but no group waits for another;
 * the buffer holds ``rollout.num_groups`` groups (the synchronous batch). Groups that complete
   when it is full wait, ended, and go into the next update's buffer. Buffer rows not filled
-  get row weight 0;
+  (the step budget ran out first) get row weight 0;
 * an episode not finished at the end of an update **continues in the next update** under the
   new parameters, its KV cache as it was (tokens attend to keys / values computed by older
   parameters). ``reprefill = True`` instead recomputes every slot's cache from its token
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 from flax import struct
 
 import models
-from envs.wrappers import tree_select
+from envs.wrappers import _is_key, tree_select
 from rl_agents.hashing import hash_tokens
 from rl_agents.rollout import _prefix_valid, assemble_trajectory, model_policy, play_turn
 
@@ -50,9 +52,10 @@ _NO_VERSION = jnp.iinfo(jnp.int32).max
 
 class ContinuousSettings(NamedTuple):
     slot_groups: int         # groups of G slots carried (S = slot_groups · G rows)
-    turns_per_update: int    # turn steps per update
+    turns_per_update: int    # turn steps per update (the most, with ``until_full``)
     max_staleness: int       # drop episodes first sampled more than this many updates ago
     reprefill: bool          # rebuild the carried KV caches at each update's start
+    until_full: bool = False  # stop an update's turn steps once its buffer is full
 
 
 def settings_from_config(config) -> ContinuousSettings | None:
@@ -64,9 +67,15 @@ def settings_from_config(config) -> ContinuousSettings | None:
     if mode != "continuous":
         raise ValueError(f"config.rollout.mode={mode!r} is not one of ['sync', 'continuous']")
     c = r.continuous
-    return ContinuousSettings(slot_groups=int(c.slot_groups) or int(r.num_groups),
+    return ContinuousSettings(slot_groups=int(c.slot_groups) or 2 * int(r.num_groups),
                               turns_per_update=int(c.turns_per_update),
-                              max_staleness=int(c.max_staleness), reprefill=bool(c.reprefill))
+                              max_staleness=int(c.max_staleness), reprefill=bool(c.reprefill),
+                              until_full=bool(c.until_full))
+
+
+def turn_budget(settings: ContinuousSettings, env) -> int:
+    """Turn steps an update may run: ``turns_per_update``, 0 meaning ``env.max_turns``."""
+    return settings.turns_per_update or env.max_turns
 
 
 @struct.dataclass
@@ -122,29 +131,64 @@ class _Buffer:
     count: jax.Array           # int32 []: groups written
 
 
+def start_batch_groups(num_slot_groups: int) -> int:
+    """Groups one start prefill handles: ⌈NG / 4⌉ (more starting groups take more rounds)."""
+    return max(1, -(-num_slot_groups // 4))
+
+
+def _put_rows(dst, rows, src, axis: int = 0):
+    """``dst`` with its rows ``rows`` (along ``axis``) set to ``src``'s; out-of-range rows are
+    dropped. Typed PRNG keys supported."""
+    if _is_key(dst):
+        data = _put_rows(jax.random.key_data(dst), rows, jax.random.key_data(src), axis)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(dst))
+    index = (slice(None),) * axis + (rows,)
+    return dst.at[index].set(src, mode="drop")
+
+
 def _start_groups(env, sampler, params, c: CarriedRollout, start, key, group_size: int):
-    """Slots of the groups in ``start`` [NG] begin a fresh task: G rows of one reset key, cache
-    rows emptied and the prompt prefilled, records cleared."""
+    """Slots of the groups in ``start`` [NG] begin a fresh task: G rows of one reset key (the
+    group's own of ``split(key, NG)``), records cleared, cache rows replaced by the prompt's.
+
+    The prompts are prefilled into a fresh cache of ``start_batch_groups(NG)`` groups at a time
+    (gathered, then scattered into the carried rows), so a start costs a prefill of the starting
+    rows alone, whose attention reads the prompt, not the carried slots' depth."""
     ng = start.shape[0]
-    rows = jnp.repeat(start, group_size)
-    keys = jnp.repeat(jax.random.split(key, ng), group_size, axis=0)
-    env_state, ts = jax.vmap(env.reset)(keys)
-    prompt = ts.observation.astype(jnp.int32)
-    valid = _prefix_valid(prompt, env.fill_id) & rows[:, None]
-    cache = c.cache.replace(lengths=jnp.where(rows, 0, c.cache.lengths))
-    logits, cache = models.prefill(sampler, params, jnp.where(valid, prompt, 0), cache,
-                                   valid=valid, last_only=True)
-    empty = _empty_records(env, rows.shape[0])
-    return c.replace(
-        env_state=tree_select(rows, env_state, c.env_state), cache=cache,
-        logits=jnp.where(rows[:, None], logits.astype(jnp.float32), c.logits),
-        prompt=jnp.where(rows[:, None], prompt, c.prompt),
-        prompt_valid=jnp.where(rows[:, None], valid, c.prompt_valid),
-        rec=tree_select(rows, empty, c.rec), turn=jnp.where(rows, 0, c.turn),
-        done=jnp.where(rows, False, c.done),
-        seen_hash=jnp.where(rows, hash_tokens(prompt), c.seen_hash),
-        has_episode=c.has_episode | start,
-        first_version=jnp.where(start, _NO_VERSION, c.first_version))
+    g = group_size
+    n = start_batch_groups(ng)
+    keys = jax.random.split(key, ng)
+    offsets = jnp.arange(g)
+
+    def start_some(state):
+        c, todo = state
+        idx = jnp.nonzero(todo, size=n, fill_value=ng)[0]         # [n] groups, ng = none
+        ok = idx < ng
+        rows = (jnp.where(ok, idx, ng)[:, None] * g + offsets[None]).reshape(-1)  # [n·G]
+        env_state, ts = jax.vmap(env.reset)(jnp.repeat(keys[jnp.minimum(idx, ng - 1)], g,
+                                                       axis=0))
+        prompt = ts.observation.astype(jnp.int32)
+        valid = _prefix_valid(prompt, env.fill_id) & jnp.repeat(ok, g)[:, None]
+        # the barrier keeps XLA from constant-folding attention over the zero cache
+        fresh = jax.lax.optimization_barrier(models.init_cache(sampler.cfg, n * g,
+                                                                c.cache.max_len))
+        logits, fresh = models.prefill(sampler, params, jnp.where(valid, prompt, 0), fresh,
+                                       valid=valid, last_only=True)
+        put = lambda dst, src, axis=0: _put_rows(dst, rows, src, axis)
+        cache = c.cache.replace(k=put(c.cache.k, fresh.k, 1), v=put(c.cache.v, fresh.v, 1),
+                                lengths=put(c.cache.lengths, fresh.lengths))
+        empty = _empty_records(env, n * g)
+        c = c.replace(
+            env_state=jax.tree.map(put, c.env_state, env_state), cache=cache,
+            logits=put(c.logits, logits.astype(jnp.float32)), prompt=put(c.prompt, prompt),
+            prompt_valid=put(c.prompt_valid, valid),
+            rec=jax.tree.map(put, c.rec, empty), turn=put(c.turn, jnp.zeros((n * g,), jnp.int32)),
+            done=put(c.done, jnp.zeros((n * g,), bool)),
+            seen_hash=put(c.seen_hash, hash_tokens(prompt)))
+        return c, todo.at[idx].set(False, mode="drop")
+
+    c, _ = jax.lax.while_loop(lambda state: state[1].any(), start_some, (c, start))
+    return c.replace(has_episode=c.has_episode | start,
+                     first_version=jnp.where(start, _NO_VERSION, c.first_version))
 
 
 def _emit_and_start(env, sampler, params, c: CarriedRollout, buf: _Buffer, key, version,
@@ -165,9 +209,7 @@ def _emit_and_start(env, sampler, params, c: CarriedRollout, buf: _Buffer, key, 
                                                                        c.prompt_valid),
                   rec=jax.tree.map(put, buf.rec, c.rec), count=buf.count + emit.sum())
     start = ~c.has_episode | emit | stale
-    c = jax.lax.cond(start.any(),
-                     lambda c: _start_groups(env, sampler, params, c, start, key, g),
-                     lambda c: c, c)
+    c = _start_groups(env, sampler, params, c, start, key, g)
     return c, buf, dict(dropped=stale.sum(), waiting=(complete & ~emit).sum())
 
 
@@ -211,8 +253,8 @@ def _reprefill(env, sampler, params, c: CarriedRollout, group_size: int) -> Carr
 
 def continue_rollout(env, sampler, params, sampling, carried: CarriedRollout, key, version,
                      settings: ContinuousSettings, *, group_size: int, capacity: int):
-    """One update's rollout: ``settings.turns_per_update`` turn steps over the carried slots
-    (module doc). ``params`` are the sampler's; ``version`` the update index. Returns
+    """One update's rollout: turn steps over the carried slots until the buffer is full
+    (``until_full``) or ``turn_budget`` steps have run (module doc). ``params`` are the sampler's; ``version`` the update index. Returns
     ``(carried, trajectory [capacity·G rows], row_weight [capacity·G], metrics)``."""
     g = group_size
     b = capacity * g
@@ -228,17 +270,29 @@ def continue_rollout(env, sampler, params, sampling, carried: CarriedRollout, ke
     if settings.reprefill:
         carried = _reprefill(env, sampler, params, carried, g)
 
-    def body(cb, step_key):
-        c, buf = cb
-        k_turn, k_start = jax.random.split(step_key)
+    budget = turn_budget(settings, env)
+    step_keys = jax.random.split(k_steps, budget)
+    zero = jnp.zeros((), jnp.int32)
+
+    def more(state):
+        step, _, buf, _ = state
+        going = step < budget
+        return going & (buf.count < capacity) if settings.until_full else going
+
+    def body(state):
+        step, c, buf, acc = state
+        k_turn, k_start = jax.random.split(step_keys[step])
         generated_before = c.rec["action_valid"].sum()
         c = _turn_step(env, policy, c, k_turn, version)
         generated = c.rec["action_valid"].sum() - generated_before
         c, buf, counts = emit(c, buf, k_start)
-        return (c, buf), dict(counts, generated=generated)
+        acc = dict(dropped=acc["dropped"] + counts["dropped"], waiting=counts["waiting"],
+                   generated=acc["generated"] + generated)
+        return step + 1, c, buf, acc
 
-    (carried, buf), per_step = jax.lax.scan(body, (carried, buf),
-                                            jax.random.split(k_steps, settings.turns_per_update))
+    steps, carried, buf, acc = jax.lax.while_loop(
+        more, body, (zero, carried, buf, dict(dropped=zero, waiting=first_counts["waiting"],
+                                              generated=zero)))
     rec = {k: v for k, v in buf.rec.items() if k != "version"}
     traj = assemble_trajectory(env, buf.prompt, buf.prompt_valid, rec,
                                jnp.arange(b, dtype=jnp.int32) // g)
@@ -252,11 +306,12 @@ def continue_rollout(env, sampler, params, sampling, carried: CarriedRollout, ke
     n_trained = jnp.maximum(trained.sum(), 1)
     metrics = {
         "continuous/groups_completed": buf.count,
-        "continuous/groups_dropped_stale": first_counts["dropped"] + per_step["dropped"].sum(),
-        "continuous/groups_waiting": per_step["waiting"][-1],
+        "continuous/groups_dropped_stale": first_counts["dropped"] + acc["dropped"],
+        "continuous/groups_waiting": acc["waiting"],
+        "continuous/turn_steps": steps,
         "continuous/staleness_mean": staleness.sum() / n_trained,
         "continuous/staleness_max": staleness.max(),
-        "continuous/generated_tokens": per_step["generated"].sum(),
+        "continuous/generated_tokens": acc["generated"],
         "continuous/trained_tokens": trained.sum(),
         "continuous/slots_in_episode": (~carried.done).sum(),
     }

@@ -512,10 +512,9 @@ class Trainer:
         return dapo.dynamic_sampling(traj, self.num_groups, self.group_size)
 
     def collect_continuous(self, policy_params, carried, key, version):
-        """Continuous mode's collect: ``rollout.continuous.turns_per_update`` turn steps over
-        the carried slots (``rl_agents.continuous``) → ``(episodes, row weights, metrics,
-        carried)``; the episodes are the ``num_groups`` groups that completed (weight 0 for
-        buffer rows not filled)."""
+        """Continuous mode's collect: turn steps over the carried slots until ``num_groups``
+        groups have completed (``rl_agents.continuous``) → ``(episodes, row weights, metrics,
+        carried)``; weight 0 for buffer rows not filled."""
         carried, traj, row_weight, metrics = continuous_lib.continue_rollout(
             self.env, self.sampler, self.sampler_params(policy_params), self.sampling, carried,
             key, version, self.continuous, group_size=self.group_size, capacity=self.num_groups)

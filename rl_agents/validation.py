@@ -203,13 +203,18 @@ def check_rollout_mode(config, ctx):
         return None
     if mode != "continuous":
         return f"config.rollout.mode = {mode!r} is not one of sync, continuous"
-    for f, lo in (("slot_groups", 0), ("turns_per_update", 1), ("max_staleness", 0)):
+    for f, lo in (("slot_groups", 0), ("turns_per_update", 0), ("max_staleness", 0)):
         v = _get(config, f"rollout.continuous.{f}")
         if v is _MISSING or not _is_int(v) or v < lo:
             shown = "missing" if v is _MISSING else repr(v)
             return f"config.rollout.continuous.{f} = {shown} must be an int >= {lo}"
-    slots = (_get(config, "rollout.continuous.slot_groups") or _get(config, "rollout.num_groups")
-             ) * _get(config, "rollout.group_size")
+    for f in ("until_full", "reprefill"):
+        v = _get(config, f"rollout.continuous.{f}")
+        if not isinstance(v, bool):
+            shown = "missing" if v is _MISSING else repr(v)
+            return f"config.rollout.continuous.{f} = {shown} must be True or False"
+    slots = (_get(config, "rollout.continuous.slot_groups")
+             or 2 * _get(config, "rollout.num_groups")) * _get(config, "rollout.group_size")
     shards = _get(config, "mesh.data") * _get(config, "mesh.fsdp")
     if slots % shards:
         return (f"config.rollout.continuous.slot_groups: {slots} slots (slot_groups x group_size) "

@@ -51,14 +51,17 @@ def make_config(env: str = "guess_number", algorithm: str = "grpo") -> ml_collec
         # activations while the trainer stays at model.dtype (see rl.correction, mismatch/kl)
         dtype="float32",
         # "sync": every update samples num_groups × group_size fresh episodes; "continuous":
-        # episodes carried across updates in slots (rl_agents.continuous): each update runs
-        # turns_per_update turn steps over slot_groups × group_size slots (0: num_groups) and
-        # trains on the groups that completed (up to num_groups), dropping episodes first
-        # sampled more than max_staleness updates before; reprefill rebuilds the carried KV
-        # caches under the new parameters at each update's start
+        # episodes carried across updates in slots (rl_agents.continuous): slot_groups groups
+        # of group_size slots (0: 2 × num_groups); each update runs turn steps over all slots
+        # until num_groups groups have completed (until_full; False: always turns_per_update
+        # steps), at most turns_per_update (0: the env's max_turns), and trains on the
+        # completed groups; episodes first sampled more than max_staleness updates before are
+        # dropped; reprefill rebuilds the carried KV caches under the new parameters at each
+        # update's start
         mode="sync",
         continuous=ml_collections.ConfigDict(dict(
-            slot_groups=0, turns_per_update=4, max_staleness=2, reprefill=False))))
+            slot_groups=0, turns_per_update=0, until_full=True, max_staleness=4,
+            reprefill=False))))
 
     c.rl = ml_collections.ConfigDict(dict(
         algorithm=algorithm,

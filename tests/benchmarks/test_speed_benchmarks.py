@@ -189,13 +189,14 @@ def test_continuous_rollouts_quick(tmp_path):
     out = tmp_path / "cont"
     rows = continuous_rollouts.main(["--quick", "--envs", "guess_number", "--algos", "grpo",
                                      "--turns", "4", "--slots", "1", "--reprefill", "on",
-                                     "--out", str(out)])
+                                     "--fill", "both", "--out", str(out)])
     assert [(r["mode"], r["turns_per_update"]) for r in rows] == [
-        ("sync", 8), ("continuous + re-prefill", 4)]
+        ("sync", 8), ("continuous + re-prefill", 4), ("continuous, until full + re-prefill", 4)]
+    assert rows[1]["turn_steps"] == 4 and 0 <= rows[2]["turn_steps"] <= 4
     assert rows[0]["ratio"] == 1.0 and rows[0]["trained_tokens"] == rows[0]["generated_tokens"]
     for r in rows:
         assert r["sec_per_update"] > 0 and r["useful_tok_s"] == pytest.approx(
             r["trained_tokens"] / r["sec_per_update"])
         assert 0 < r["sec_rollout"] and r["trained_tokens"] <= r["generated_tokens"] + 1e-6
-    assert "| guess_number | grpo (2) | continuous + re-prefill | 4 | 4 |" in (
+    assert "| guess_number | grpo (2) | continuous + re-prefill | 4 | 4 | 4.0 |" in (
         tmp_path / "cont.md").read_text()

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from envs.wrappers import Wrapper
 from rl_agents import continuous as C
 from rl_agents import make_trainer
 from rl_agents.rollout import model_policy, run_episodes
@@ -69,9 +70,14 @@ def _first_start_key(key):
 
 
 def _assert_same(got, want, rows_got=slice(None), rows_want=slice(None), fields=FIELDS):
+    """Equal fields; ``turn_obs_hash`` on the episode's turns (the synchronous rollout keeps
+    recording the last hash after an episode ends, the continuous one leaves 0)."""
+    turns = np.asarray(want.turn_valid)[rows_want]
     for f in fields:
-        np.testing.assert_array_equal(np.asarray(getattr(got, f))[rows_got],
-                                      np.asarray(getattr(want, f))[rows_want], err_msg=f)
+        a, b = np.asarray(getattr(got, f))[rows_got], np.asarray(getattr(want, f))[rows_want]
+        if f == "turn_obs_hash":
+            a, b = a[turns], b[turns]
+        np.testing.assert_array_equal(a, b, err_msg=f)
     np.testing.assert_allclose(np.asarray(got.behaviour_logp)[rows_got],
                                np.asarray(want.behaviour_logp)[rows_want], atol=1e-5)
 
@@ -144,6 +150,47 @@ def test_a_full_buffer_keeps_complete_groups_for_the_next_update(setup):
     np.testing.assert_array_equal(np.asarray(traj.group_ids), np.repeat(np.arange(2), G))
 
 
+class _Horizons(Wrapper):
+    """The wrapped task truncated after a number of turns drawn from the reset key (1 ..
+    max_turns): episodes of a greedy untrained model then end at different turns."""
+
+    def reset(self, key):
+        state, ts = self.env.reset(key)
+        horizon = jax.random.randint(jax.random.fold_in(key, 1), (), 1, self.max_turns + 1)
+        return (state, horizon, jnp.zeros((), jnp.int32)), ts
+
+    def step(self, state, action):
+        inner, horizon, t = state
+        inner, ts = self.env.step(inner, action)
+        return (inner, horizon, t + 1), ts.replace(truncated=ts.truncated | (t + 1 >= horizon))
+
+
+def test_until_full_stops_when_the_buffer_is_full(setup):
+    """``until_full``: the update's turn steps stop at the step where the capacity-th group
+    completes (groups complete at their longest member's length, in slot order on ties); the
+    buffer holds exactly those groups' synchronous episodes, the others stay in flight."""
+    tr, params = setup
+    env = _Horizons(tr.env)
+    settings = C.ContinuousSettings(GROUPS, 0, max_staleness=1, reprefill=False, until_full=True)
+    carried = C.init_carried(env, tr.policy, settings, G)
+    key = jax.random.PRNGKey(3)
+    carried, traj, w, m = _jitted(env, tr.policy, settings, 2)(params, carried, key,
+                                                                jnp.int32(0))
+    want = _jitted_sync(env, tr.policy)(params, jax.random.split(_first_start_key(key), GROUPS))
+    group_len = np.asarray(want.episode_length).reshape(GROUPS, G).max(-1)
+    order = sorted(range(GROUPS), key=lambda i: (group_len[i], i))
+    assert len(set(group_len.tolist())) > 1                  # the groups end at different steps
+    assert int(m["continuous/turn_steps"]) == group_len[order[1]] < env.max_turns
+    assert int(m["continuous/groups_completed"]) == 2 and np.asarray(w).all()
+    for slot, group in enumerate(order[:2]):
+        _assert_same(traj, want, slice(slot * G, (slot + 1) * G), slice(group * G, (group + 1) * G),
+                     fields=FIELDS[:-1])
+    # the other groups are still in flight, at the turn the update stopped
+    in_flight = np.asarray(carried.turn).reshape(GROUPS, G)[order[2:]]
+    assert (in_flight.max(-1) == group_len[order[1]]).all()
+    assert not np.asarray(carried.done).reshape(GROUPS, G)[order[2:]].all(-1).any()
+
+
 def test_stale_episodes_are_dropped_and_counted(setup):
     tr, params = setup
     settings = C.ContinuousSettings(GROUPS, 2, max_staleness=1, reprefill=False)
@@ -203,8 +250,12 @@ def test_bad_continuous_settings_give_one_line():
     c.rollout.mode = "async"
     with pytest.raises(ConfigError, match=r"config.rollout.mode = 'async' is not one of"):
         check_config(c, num_devices=1)
-    c = _cont_config(turns_per_update=0)
-    with pytest.raises(ConfigError, match=r"config.rollout.continuous.turns_per_update = 0"):
+    c = _cont_config(turns_per_update=-1)
+    with pytest.raises(ConfigError, match=r"config.rollout.continuous.turns_per_update = -1 must"):
+        check_config(c, num_devices=1)
+    c = _cont_config()
+    del c.rollout.continuous["until_full"]
+    with pytest.raises(ConfigError, match=r"rollout.continuous.until_full = missing must be True"):
         check_config(c, num_devices=1)
     c = probes.tiny("kv_search", "dapo", groups=GROUPS, group_size=G)
     c.rollout.mode = "continuous"
