@@ -29,24 +29,36 @@ from envs import vocab
 from envs.base import Env, TimeStep
 
 __all__ = ["Wrapper", "AutoResetWrapper", "EpisodeStatsWrapper", "EpisodeStatsState",
-           "batch_reset", "batch_step", "batch_oracle", "state_done", "tree_select"]
+           "batch_reset", "batch_step", "batch_oracle", "state_done", "tree_select",
+           "put_rows"]
 
 
 def _is_key(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _through_key_data(fn, a, b):
+    """``fn(a, b)`` on the arrays themselves, or on the raw data of typed PRNG keys."""
+    if _is_key(a):
+        data = fn(jax.random.key_data(a), jax.random.key_data(b))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
+    return fn(a, b)
+
+
 def tree_select(pred, on_true, on_false):
     """Leafwise ``where(pred, on_true, on_false)``: a scalar ``pred``, or a per-row one whose
     shape leads every leaf's (broadcast over the trailing axes); typed PRNG keys supported."""
     pred = jnp.asarray(pred)
+    where = lambda a, b: jnp.where(pred.reshape(pred.shape + (1,) * (jnp.ndim(a) - pred.ndim)),
+                                   a, b)
+    return jax.tree_util.tree_map(lambda a, b: _through_key_data(where, a, b), on_true, on_false)
 
-    def sel(a, b):
-        if _is_key(a):
-            data = sel(jax.random.key_data(a), jax.random.key_data(b))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
-        return jnp.where(pred.reshape(pred.shape + (1,) * (jnp.ndim(a) - pred.ndim)), a, b)
-    return jax.tree_util.tree_map(sel, on_true, on_false)
+
+def put_rows(dst, rows, src, axis: int = 0):
+    """``dst`` with its entries ``rows`` along ``axis`` set to ``src``'s (``dst.at[rows].set``);
+    out-of-range rows are dropped. Typed PRNG keys supported."""
+    index = (slice(None),) * axis + (rows,)
+    return _through_key_data(lambda d, s: d.at[index].set(s, mode="drop"), dst, src)
 
 
 def state_done(state) -> jax.Array:

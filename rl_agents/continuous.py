@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import struct
 
 import models
-from envs.wrappers import _is_key, tree_select
+from envs.wrappers import put_rows, tree_select
 from rl_agents.hashing import hash_tokens
 from rl_agents.rollout import _prefix_valid, assemble_trajectory, model_policy, play_turn
 
@@ -67,10 +67,15 @@ def settings_from_config(config) -> ContinuousSettings | None:
     if mode != "continuous":
         raise ValueError(f"config.rollout.mode={mode!r} is not one of ['sync', 'continuous']")
     c = r.continuous
-    return ContinuousSettings(slot_groups=int(c.slot_groups) or 2 * int(r.num_groups),
+    return ContinuousSettings(slot_groups=slot_groups(config),
                               turns_per_update=int(c.turns_per_update),
                               max_staleness=int(c.max_staleness), reprefill=bool(c.reprefill),
                               until_full=bool(c.until_full))
+
+
+def slot_groups(config) -> int:
+    """``rollout.continuous.slot_groups``, 0 meaning 2 × ``rollout.num_groups``."""
+    return int(config.rollout.continuous.slot_groups) or 2 * int(config.rollout.num_groups)
 
 
 def turn_budget(settings: ContinuousSettings, env) -> int:
@@ -136,16 +141,6 @@ def start_batch_groups(num_slot_groups: int) -> int:
     return max(1, -(-num_slot_groups // 4))
 
 
-def _put_rows(dst, rows, src, axis: int = 0):
-    """``dst`` with its rows ``rows`` (along ``axis``) set to ``src``'s; out-of-range rows are
-    dropped. Typed PRNG keys supported."""
-    if _is_key(dst):
-        data = _put_rows(jax.random.key_data(dst), rows, jax.random.key_data(src), axis)
-        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(dst))
-    index = (slice(None),) * axis + (rows,)
-    return dst.at[index].set(src, mode="drop")
-
-
 def _start_groups(env, sampler, params, c: CarriedRollout, start, key, group_size: int):
     """Slots of the groups in ``start`` [NG] begin a fresh task: G rows of one reset key (the
     group's own of ``split(key, NG)``), records cleared, cache rows replaced by the prompt's.
@@ -163,7 +158,7 @@ def _start_groups(env, sampler, params, c: CarriedRollout, start, key, group_siz
         c, todo = state
         idx = jnp.nonzero(todo, size=n, fill_value=ng)[0]         # [n] groups, ng = none
         ok = idx < ng
-        rows = (jnp.where(ok, idx, ng)[:, None] * g + offsets[None]).reshape(-1)  # [n·G]
+        rows = (idx[:, None] * g + offsets[None]).reshape(-1)      # [n·G], >= S: none
         env_state, ts = jax.vmap(env.reset)(jnp.repeat(keys[jnp.minimum(idx, ng - 1)], g,
                                                        axis=0))
         prompt = ts.observation.astype(jnp.int32)
@@ -173,7 +168,7 @@ def _start_groups(env, sampler, params, c: CarriedRollout, start, key, group_siz
                                                                 c.cache.max_len))
         logits, fresh = models.prefill(sampler, params, jnp.where(valid, prompt, 0), fresh,
                                        valid=valid, last_only=True)
-        put = lambda dst, src, axis=0: _put_rows(dst, rows, src, axis)
+        put = lambda dst, src, axis=0: put_rows(dst, rows, src, axis)
         cache = c.cache.replace(k=put(c.cache.k, fresh.k, 1), v=put(c.cache.v, fresh.v, 1),
                                 lengths=put(c.cache.lengths, fresh.lengths))
         empty = _empty_records(env, n * g)
@@ -254,8 +249,9 @@ def _reprefill(env, sampler, params, c: CarriedRollout, group_size: int) -> Carr
 def continue_rollout(env, sampler, params, sampling, carried: CarriedRollout, key, version,
                      settings: ContinuousSettings, *, group_size: int, capacity: int):
     """One update's rollout: turn steps over the carried slots until the buffer is full
-    (``until_full``) or ``turn_budget`` steps have run (module doc). ``params`` are the sampler's; ``version`` the update index. Returns
-    ``(carried, trajectory [capacity·G rows], row_weight [capacity·G], metrics)``."""
+    (``until_full``) or ``turn_budget`` steps have run (module doc). ``params`` are the
+    sampler's; ``version`` the update index. Returns ``(carried, trajectory [capacity·G rows],
+    row_weight [capacity·G], metrics)``."""
     g = group_size
     b = capacity * g
     policy = model_policy(sampler, params, env, sampling)

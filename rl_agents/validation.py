@@ -213,8 +213,8 @@ def check_rollout_mode(config, ctx):
         if not isinstance(v, bool):
             shown = "missing" if v is _MISSING else repr(v)
             return f"config.rollout.continuous.{f} = {shown} must be True or False"
-    slots = (_get(config, "rollout.continuous.slot_groups")
-             or 2 * _get(config, "rollout.num_groups")) * _get(config, "rollout.group_size")
+    from rl_agents.continuous import slot_groups
+    slots = slot_groups(config) * _get(config, "rollout.group_size")
     shards = _get(config, "mesh.data") * _get(config, "mesh.fsdp")
     if slots % shards:
         return (f"config.rollout.continuous.slot_groups: {slots} slots (slot_groups x group_size) "
