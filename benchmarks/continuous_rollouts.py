@@ -15,7 +15,8 @@ setting (``on``: ``until_full``, turn steps stop once the buffer is full, at mos
 turns_per_update; ``off``: always turns_per_update steps). ``max_staleness`` is the config's
 (4) with ``until_full`` and ⌈max_turns / turns_per_update⌉ without, unless
 ``--max_staleness`` sets it; carried KV caches, or with ``--reprefill on|both`` caches rebuilt
-from the tokens under the new parameters at each update's start. The warm-up updates compile and, in continuous mode, fill the slots; the next
+from the tokens under the new parameters at each update's start. The warm-up updates compile
+and, in continuous mode, fill the slots; the next
 ``--updates`` are timed one by one with the modes interleaved (one update of each in turn), so
 that a change in the machine's load hits every mode alike (whole jitted update: rollout,
 scoring, advantages, two epochs of two minibatches). The rollout alone (the collect stage,
@@ -27,7 +28,8 @@ generated tokens of the episodes the update trains on: sync, all episodes; conti
 completed groups in its buffer); **useful tokens/s** = their ratio; the ratio to sync;
 generated tokens per update (continuous: every token sampled, including those of episodes still
 in flight); groups trained and groups dropped as stale per update; the trained episodes' success
-rate, turns and token staleness. Printed as a markdown table with the hardware; ``--out`` writes it and a JSON file.
+rate, turns and token staleness. Printed as a markdown table with the hardware; ``--out``
+writes it and a JSON file.
 """
 from __future__ import annotations
 
