@@ -3,6 +3,7 @@
     python -m benchmarks.continuous_rollouts                      # maze, keychain, calculator
     python -m benchmarks.continuous_rollouts --envs maze --algos ppo --fill off --turns 4,6
     python -m benchmarks.continuous_rollouts --quick              # tiny smoke run
+    python -m benchmarks.continuous_rollouts --attention pallas   # cached attention by flash_decode
 
 For each task and algorithm (``--algos``: ``grpo``, groups of G = 4; ``ppo``, one episode per
 group): its recipe (the default ≈0.4M-parameter model, 64 episodes an update), a BC warm start
@@ -54,6 +55,7 @@ def _config(env: str, algo: str, args, mode: str, turns: int = 0, slots: int = 1
     c.seed = args.seed
     c.bc.update(episodes=args.bc_episodes, epsilon=0.3)
     c.rl.kl_coef = 0.0
+    c.model.attention_impl = args.attention
     if args.quick:
         c.model.update(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64)
         c.rollout.update(num_groups=4, group_size=2 if c.rollout.group_size > 1 else 1)
@@ -200,6 +202,9 @@ def main(argv=None):
     ap.add_argument("--reprefill", default="off", choices=["off", "on", "both"],
                     help="continuous rows with carried caches (off), rebuilt caches (on) or both")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"],
+                    help="model.attention_impl (pallas: the decode steps' attention over the KV "
+                         "cache stops at each slot's own length; interpret mode on CPU)")
     ap.add_argument("--quick", action="store_true", help="tiny model and batch (smoke test)")
     ap.add_argument("--out", default=None, help="write <out>.md and <out>.json")
     args = ap.parse_args(argv)
@@ -213,7 +218,8 @@ def main(argv=None):
             rows.extend(bench_env(env, algo, args))
     hw = common.machine_note()
     text = (f"{table(rows)}\n\n{hw}; jax {jax.__version__}; "
-            f"{time.strftime('%Y-%m-%d')}; fill={args.fill}; reprefill={args.reprefill}\n")
+            f"{time.strftime('%Y-%m-%d')}; fill={args.fill}; reprefill={args.reprefill}; "
+            f"attention={args.attention}\n")
     print(text)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

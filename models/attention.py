@@ -2,7 +2,8 @@
 
 GQA: the H query heads are split into H_kv groups of G = H / H_kv heads sharing one K/V head;
 q is reshaped to [B, T, H_kv, G, D] and contracted with k [B, S, H_kv, D] directly (K/V are never
-repeated). Scores are (q·k)·D^(−1/2) in float32.
+repeated). Scores are (q·k)·D^(−1/2) in float32. Full sequences: XLA or the Pallas flash-attention
+kernel; the KV-cached path: XLA or the Pallas decode kernel merged with the chunk's own keys.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def xla_attention(q, k, v, mask, scale: float):
     return o.reshape(b, t, h, d).astype(q.dtype)
 
 
-def cached_attention(q, k_new, v_new, k_cache, v_cache, lengths, scale: float):
+def cached_attention(q, k_new, v_new, k_cache, v_cache, lengths, scale: float,
+                     impl: str = "xla"):
     """Attention of a chunk over [cache slots < lengths_b] ∪ [chunk keys j <= i].
 
     q [B,C,H,D]; k_new / v_new [B,C,Hkv,D] (the chunk's own keys, not yet in the cache);
@@ -50,17 +52,30 @@ def cached_attention(q, k_new, v_new, k_cache, v_cache, lengths, scale: float):
     j < lengths_b and chunk positions <= i — the same set as slots j <= lengths_b + i once the
     chunk is written at [lengths_b, lengths_b + C). One softmax over both parts; the mask comes
     from ``lengths`` (no [S, S] matrix). Returns [B,C,H,D] in q's dtype.
+
+    ``impl="pallas"`` computes the cache part with ``pallas_kernels.flash_decode``, whose work
+    stops at each row's own length (the XLA path reads every slot of the cache it is given),
+    and merges it with the chunk part through the kernel's log-sum-exp:
+
+        o = (e^(lse − m) o_cache + Σ_j e^(s_j − m) v_j) / (e^(lse − m) + Σ_j e^(s_j − m)),
+
+    m = max(lse, max_j s_j). Used when C·H/Hkv <= ``PALLAS_CACHED_MAX_GROUP`` (decode steps and
+    short chunks: the C queries of a kv head are one tile of the kernel); longer chunks (prompt
+    prefill) take the XLA path.
     """
     b, c, h, d = q.shape
     hkv = k_new.shape[2]
-    qg = q.reshape(b, c, hkv, h // hkv, d)
+    g = h // hkv
+    qg = q.reshape(b, c, hkv, g, d)
+    s_new = jnp.einsum("bckgd,bjkd->bkgcj", qg, k_new.astype(q.dtype),
+                       preferred_element_type=jnp.float32) * scale
+    s_new = jnp.where(jnp.tril(jnp.ones((c, c), bool)), s_new, NEG_INF)
+    if impl == "pallas" and c * g <= PALLAS_CACHED_MAX_GROUP:
+        return _cached_attention_pallas(q, qg, s_new, v_new, k_cache, v_cache, lengths, scale)
     s_old = jnp.einsum("bckgd,bskd->bkgcs", qg, k_cache.astype(q.dtype),
                        preferred_element_type=jnp.float32) * scale
     old_ok = jnp.arange(k_cache.shape[1])[None, :] < lengths[:, None]              # [B,S]
     s_old = jnp.where(old_ok[:, None, None, None, :], s_old, NEG_INF)
-    s_new = jnp.einsum("bckgd,bjkd->bkgcj", qg, k_new.astype(q.dtype),
-                       preferred_element_type=jnp.float32) * scale
-    s_new = jnp.where(jnp.tril(jnp.ones((c, c), bool)), s_new, NEG_INF)
     mx = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
     p_old, p_new = jnp.exp(s_old - mx), jnp.exp(s_new - mx)
     denom = p_old.sum(-1) + p_new.sum(-1)                                          # [B,K,G,C]
@@ -70,6 +85,30 @@ def cached_attention(q, k_new, v_new, k_cache, v_cache, lengths, scale: float):
                       preferred_element_type=jnp.float32))
     o = o / jnp.moveaxis(denom, 3, 1)[..., None]
     return o.reshape(b, c, h, d).astype(q.dtype)
+
+
+PALLAS_CACHED_MAX_GROUP = 64   # largest C·G the cached Pallas path takes as one query tile
+
+
+def _cached_attention_pallas(q, qg, s_new, v_new, k_cache, v_cache, lengths, scale):
+    """The cache part by ``flash_decode`` (queries of kv head k as [C·G] rows), merged by lse."""
+    from pallas_kernels import flash_decode
+    b, c, h, d = q.shape
+    hkv, g = qg.shape[2], qg.shape[3]
+    q_rows = qg.transpose(0, 2, 1, 3, 4).reshape(b, hkv * c * g, d)               # [B,K·C·G,D]
+    o_old, lse = flash_decode(q_rows, k_cache, v_cache, lengths, sm_scale=scale,
+                              return_lse=True)
+    o_old = o_old.reshape(b, hkv, c, g, d).transpose(0, 1, 3, 2, 4)               # [B,K,G,C,D]
+    lse = lse.reshape(b, hkv, c, g).transpose(0, 1, 3, 2)                         # [B,K,G,C]
+    mx = jnp.maximum(lse, s_new.max(-1))          # finite: every query sees its own key
+    w_old = jnp.exp(lse - mx)                     # 0 where the row's cache is empty
+    p_new = jnp.exp(s_new - mx[..., None])
+    denom = w_old + p_new.sum(-1)
+    o = (w_old[..., None] * o_old
+         + jnp.einsum("bkgcj,bjkd->bkgcd", p_new.astype(q.dtype), v_new.astype(q.dtype),
+                      preferred_element_type=jnp.float32))
+    o = o / denom[..., None]                                                       # [B,K,G,C,D]
+    return o.transpose(0, 3, 1, 2, 4).reshape(b, c, h, d).astype(q.dtype)
 
 
 def _pallas_flash_attention():
@@ -90,6 +129,14 @@ def resolve_attention_impl(impl: str) -> str:
     if impl not in ("xla", "pallas"):
         raise ValueError(f"attention_impl={impl!r} is not one of ('auto', 'xla', 'pallas')")
     return impl
+
+
+def cached_attention_impl(impl: str) -> str:
+    """The KV-cached path's implementation: "pallas" only when asked for by name ("auto" keeps
+    it on XLA: the decode kernel is tested in interpret mode and lowered for Triton / Mosaic,
+    not yet compiled and timed on a device)."""
+    resolve_attention_impl(impl)          # validates the name
+    return "pallas" if impl == "pallas" else "xla"
 
 
 class Attention(nn.Module):
@@ -118,7 +165,8 @@ class Attention(nn.Module):
         if layer_cache is not None:
             k_cache, v_cache = layer_cache
             k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
-            o = cached_attention(q, k, v, k_cache, v_cache, lengths, scale)
+            o = cached_attention(q, k, v, k_cache, v_cache, lengths, scale,
+                                 impl=cached_attention_impl(cfg.attention_impl))
             new_kv = (k, v)
         elif resolve_attention_impl(cfg.attention_impl) == "pallas":
             flash_attention = _pallas_flash_attention()

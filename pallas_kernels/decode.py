@@ -11,6 +11,11 @@ head at once (a [G, D] x [D, bk] tile: K / V are read once per group). The parti
 (o_s unnormalised, m_s, l_s; base 2) are merged in XLA:
 
     m = max_s m_s,  l = Σ_s 2^(m_s - m) l_s,  out = Σ_s 2^(m_s - m) o_s / l.
+
+With ``return_lse=True`` the wrapper also returns the natural-log normaliser
+lse_bh = log Σ_{j < L_b} exp(sm_scale q_bh · k_bjg) = (m + log2 l) · ln 2 (−inf when L_b = 0),
+so a caller can merge this attention with keys held elsewhere (``models.attention`` merges a
+chunk's own keys this way).
 """
 from __future__ import annotations
 
@@ -111,7 +116,7 @@ def _pick_splits(n_blocks: int, parallel: int, target_programs: int) -> int:
 
 
 def flash_decode(q, k_cache, v_cache, lengths, *, sm_scale=None, interpret=None, block_k=None,
-                 num_splits=None, backend: str | None = None):
+                 num_splits=None, backend: str | None = None, return_lse: bool = False):
     """Attention of one query token per row over a KV cache with valid lengths.
 
     q [B, H, D]; k_cache / v_cache [B, S, Hkv, D] (H % Hkv == 0, GQA); lengths int32 [B]:
@@ -119,6 +124,7 @@ def flash_decode(q, k_cache, v_cache, lengths, *, sm_scale=None, interpret=None,
     Returns [B, H, D] in q's dtype. ``block_k`` (power of two) is the key tile; ``num_splits``
     the split-K factor (default: enough programs to fill the device). S is padded to a
     multiple of block_k * num_splits only if needed (a copy; pick S accordingly).
+    ``return_lse=True`` returns (out float32 [B, H, D], lse float32 [B, H]); see the module doc.
     """
     _check_decode_args(q, k_cache, v_cache, lengths, sm_scale)
     interpret, backend = resolve(interpret, backend)
@@ -182,4 +188,9 @@ def flash_decode(q, k_cache, v_cache, lengths, *, sm_scale=None, interpret=None,
     l_all = jnp.sum(w * l, axis=2)
     o_all = jnp.sum(w * o, axis=2)
     out = o_all / jnp.where(l_all == 0, 1.0, l_all)
-    return out[:, :, :g, :d].reshape(b, h, d).astype(q.dtype)
+    out = out[:, :, :g, :d].reshape(b, h, d)
+    if not return_lse:
+        return out.astype(q.dtype)
+    lse = jnp.where(l_all == 0, -jnp.inf,
+                    (m_all[:, :, 0] + jnp.log2(jnp.where(l_all == 0, 1.0, l_all))) / LOG2E)
+    return out, lse[:, :, :g, 0].reshape(b, h)

@@ -28,7 +28,8 @@ _decode = jax.jit(models.decode_step, static_argnums=0)
 @pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 1}, {"n_kv_heads": 4}, {"scan_layers": True},
                                 {"qkv_bias": True, "tie_embeddings": True,
                                  "rope_scaling": {"type": "yarn", "factor": 2.0,
-                                                  "original_max_seq_len": 8}}])
+                                                  "original_max_seq_len": 8}},
+                                {"attention_impl": "pallas"}])
 def test_token_by_token_decode_equals_full_forward(kw):
     cfg = cfg_(**kw)
     m = PolicyModel(cfg)
@@ -59,7 +60,8 @@ def _chunked_layout():
     return sizes, valid
 
 
-@pytest.mark.parametrize("kw", [{}, {"scan_layers": True, "remat": True}])
+@pytest.mark.parametrize("kw", [{}, {"scan_layers": True, "remat": True},
+                                {"attention_impl": "pallas"}])
 def test_chunked_prefill_with_pads_equals_full_forward(kw):
     cfg = cfg_(**kw)
     m = PolicyModel(cfg)
@@ -223,3 +225,21 @@ def test_prefill_last_only_builds_no_chunk_logits():
 
     assert "f32[4,24,997]" in hlo(False)
     assert "f32[4,24,997]" not in hlo(True) and "f32[4,997]" in hlo(True)
+
+
+def test_pallas_models_decode_through_flash_decode(monkeypatch):
+    """attention_impl="pallas" routes the cached path through the decode kernel, once per layer."""
+    import pallas_kernels
+    calls = []
+    real = pallas_kernels.flash_decode
+    monkeypatch.setattr(pallas_kernels, "flash_decode",
+                        lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    for impl in ("xla", "pallas"):
+        cfg = cfg_(attention_impl=impl)
+        m = PolicyModel(cfg)
+        p = random_params(m)
+        cache = models.init_cache(cfg, 2, 10)
+        _, cache = models.prefill(m, p, tokens_(2, 3), cache)
+        models.decode_step(m, p, tokens_(2, 1)[:, 0], cache)
+    # prefill of 3 tokens (3 x 2 query heads per kv head) and one decode step, each layer
+    assert calls == [(2, 12, 8)] * 2 + [(2, 4, 8)] * 2

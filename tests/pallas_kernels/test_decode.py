@@ -50,6 +50,30 @@ def test_decode_matches_references(s, h, hkv, d, block_k, splits, backend):
                                atol=2e-5)
 
 
+@pytest.mark.parametrize("splits,backend", [(1, None), (3, None), (2, "tpu")])
+def test_decode_log_sum_exp(splits, backend):
+    """return_lse: the output in float32 and lse_bh = log Σ_{j<L_b} exp(scale q·k_j), −inf at L_b = 0."""
+    b, s, h, hkv, d = 4, 48, 6, 2, 8
+    q, kc, vc = inputs(11, b, s, h, hkv, d)
+    lengths = jnp.array([0, s, 5, 30], jnp.int32)
+    out, lse = jax.jit(lambda *a: pk.flash_decode(
+        *a, block_k=8, num_splits=splits, return_lse=True, backend=backend,
+        interpret=True if backend else None))(q, kc, vc, lengths)
+    assert out.dtype == lse.dtype == jnp.float32 and lse.shape == (b, h)
+    np.testing.assert_allclose(out, numpy_decode(q, kc, vc, lengths, 1 / np.sqrt(d)), atol=2e-5)
+    qn, kn = np.asarray(q, np.float64), np.asarray(kc, np.float64)
+    g = h // hkv
+    for bi in range(b):
+        for hi in range(h):
+            n = int(lengths[bi])
+            if n == 0:
+                assert lse[bi, hi] == -np.inf
+                continue
+            lg = kn[bi, :n, hi // g] @ qn[bi, hi] / np.sqrt(d)
+            want = lg.max() + np.log(np.exp(lg - lg.max()).sum())
+            np.testing.assert_allclose(lse[bi, hi], want, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_matches_flash_attention_last_row():
     """Decoding the last token equals causal flash attention's last query row."""
     s, h, hkv, d = 24, 4, 1, 16

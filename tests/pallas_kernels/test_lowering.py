@@ -46,6 +46,10 @@ def test_decode_and_scans_lower(backend):
     lower(lambda q, k, v, n: pk.flash_decode(q, k, v, n, **kw), SD((4, 8, 128), jnp.bfloat16),
           SD((4, 1000, 2, 128), jnp.bfloat16), SD((4, 1000, 2, 128), jnp.bfloat16),
           SD((4,), jnp.int32), backend=backend)
+    # the cached model path: 4 query positions x 4 heads per kv head as one tile, with lse
+    lower(lambda q, k, v, n: pk.flash_decode(q, k, v, n, return_lse=True, **kw),
+          SD((4, 32, 128), jnp.bfloat16), SD((4, 1000, 2, 128), jnp.bfloat16),
+          SD((4, 1000, 2, 128), jnp.bfloat16), SD((4,), jnp.int32), backend=backend)
     r = SD((37, 101), jnp.float32)
     lower(lambda r, v, g, lam: pk.gae(r, v, g, lam, **kw), r, SD((37, 102), jnp.float32), r, r,
           backend=backend)

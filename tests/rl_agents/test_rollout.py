@@ -77,11 +77,15 @@ def test_oracle_rollout_replays_env_exactly(name):
     np.testing.assert_array_equal(traj.group_ids, np.repeat(np.arange(8), 2))
 
 
-def test_sampler_logprobs_match_trainer_forward():
+@pytest.mark.parametrize("sampler_attention", ["xla", "pallas"])
+def test_sampler_logprobs_match_trainer_forward(sampler_attention):
+    """The rollout's behaviour log-probs equal the trainer's XLA forward on the sampled tokens,
+    also when the sampler's cached attention is the Pallas decode kernel (interpret mode here)."""
     env = envs.make("guess_number")
     model, params = tiny_model(env)
+    sampler = models.PolicyModel(model.cfg.replace(attention_impl=sampler_attention))
     sampling = SamplingConfig(temperature=0.7)
-    traj = jax.jit(lambda p, k: rollout(env, model, p, k, num_groups=4, group_size=2,
+    traj = jax.jit(lambda p, k: rollout(env, sampler, p, k, num_groups=4, group_size=2,
                                         sampling=sampling))(params, jax.random.PRNGKey(1))
     logits = model.apply({"params": params}, traj.tokens, segment_ids=traj.valid.astype(jnp.int32))
     logp = losses.sequence_logprobs(logits / 0.7, traj.tokens)
