@@ -5,6 +5,8 @@
 1. PolicyModel logits and gradients with attention_impl="pallas" (compiled flash attention)
    against "xla" on packed / padded rows (bench-small: 4 layers, d_model 256, 8 heads, 2 KV
    heads, vocab 64), float32 and bfloat16.
+   The KV-cached path too: a prompt prefill then decode steps at mixed per-row lengths, logits
+   of "pallas" (``flash_decode`` merged with the chunk's keys) against "xla".
 2. Multi-turn rollout throughput (KV-cached generation × jitted env) on ``maze`` and
    ``guess_number`` with bench-small at B ∈ {64, 256, 1024}: generated and total tokens/s,
    median of 3 after compilation.
@@ -57,6 +59,30 @@ def parity(dtype: str) -> dict:
     return out
 
 
+def cached_parity(dtype: str, batch: int = 8, prompt: int = 24, steps: int = 40) -> dict:
+    """Max |logit difference| of decode steps, "pallas" vs "xla" cached attention; rows start
+    at different depths (a prompt of 1..``prompt`` valid tokens) as continuous slots do."""
+    cfg_x = models.ModelConfig(**BENCH_SMALL, max_seq_len=prompt + steps, attention_impl="xla",
+                               dtype=dtype)
+    params = models.init_params(models.PolicyModel(cfg_x), jax.random.PRNGKey(0))
+    toks = jax.random.randint(jax.random.PRNGKey(2), (batch, prompt + steps), 0, 64)
+    valid = jnp.arange(prompt)[None] < jnp.linspace(1, prompt, batch).astype(jnp.int32)[:, None]
+
+    def run(impl):
+        m = models.PolicyModel(cfg_x.replace(attention_impl=impl))
+
+        def go(p):
+            cache = models.init_cache(m.cfg, batch, prompt + steps)
+            _, cache = models.prefill(m, p, toks[:, :prompt], cache, valid)
+
+            def step(cache, tok):
+                out, cache = models.decode_step(m, p, tok, cache)
+                return cache, out
+            return jax.lax.scan(step, cache, toks[:, prompt:].T)[1]
+        return np.asarray(jax.jit(go)(params), np.float32)
+    return {"decode_logits_max_abs_diff": float(np.abs(run("xla") - run("pallas")).max())}
+
+
 def rollout_speed(env_name: str, batch: int, impl: str) -> dict:
     env = envs.make(env_name)
     cfg = models.ModelConfig(**BENCH_SMALL, max_seq_len=env.max_episode_tokens, attention_impl=impl)
@@ -92,6 +118,11 @@ def main():
         except Exception as e:  # noqa: BLE001
             res[f"parity_{dt}"] = {"error": repr(e)[:500]}
         print(f"parity {dt}: {res[f'parity_{dt}']}", flush=True)
+        try:
+            res[f"cached_parity_{dt}"] = cached_parity(dt)
+        except Exception as e:  # noqa: BLE001
+            res[f"cached_parity_{dt}"] = {"error": repr(e)[:500]}
+        print(f"cached parity {dt}: {res[f'cached_parity_{dt}']}", flush=True)
     res["rollout"] = []
     for env_name in ("guess_number", "maze"):
         for b in (64, 256, 1024):
