@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from envs import vocab
-from envs.base import Env, TimeStep
+from envs.base import Env
 
 __all__ = ["Wrapper", "AutoResetWrapper", "EpisodeStatsWrapper", "EpisodeStatsState",
            "batch_reset", "batch_step", "batch_oracle", "state_done", "tree_select",

@@ -1,6 +1,5 @@
 """envs.base.finish_step (the shared end of every task's step) against a direct reference."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import struct
 

@@ -1,6 +1,5 @@
 """KvSearchEnv: oracle, robustness, batching, determinism, KB structure and hand-written semantics."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

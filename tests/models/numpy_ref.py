@@ -26,7 +26,7 @@ def forward(cfg, params, tokens, positions=None, segment_ids=None, inv_freq=None
     b, t = tokens.shape
     positions = np.tile(np.arange(t), (b, 1)) if positions is None else np.asarray(positions)
     seg = np.ones((b, t), int) if segment_ids is None else np.asarray(segment_ids)
-    d, h, hkv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     if inv_freq is None:
         inv_freq = np.array([cfg.rope_theta ** (-2.0 * i / dh) for i in range(dh // 2)])
     trunk = params["model"]

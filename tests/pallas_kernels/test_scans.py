@@ -1,7 +1,6 @@
 """gae / discounted_returns / masked_gae kernels (interpret mode) vs rlax golden values, rlax,
 the lax.scan references and independent NumPy Python loops."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import rlax

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
 from experiments.configs.common import make_config
 from rl_agents import losses
 from rl_agents.trainer import Trainer

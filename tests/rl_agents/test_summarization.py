@@ -8,12 +8,11 @@ import pytest
 import envs
 from envs import vocab
 from rl_agents import losses
-from rl_agents.sampling import SamplingConfig
 from rl_agents.trainer import make_trainer
 from rl_agents.summarization import (SupoConfig, SupoContext, collect_supo_demos, demo_rows,
                                      oracle_summary, prepare_supo_batch,
                                      render_supo_trajectory, segment_rows, supo_oracle_policy,
-                                     supo_rollout, supo_run_episodes)
+                                     supo_run_episodes)
 
 ENV_KW = dict(chain_len=3, n_distractors=2, value_len=2)   # obs_len 12, action_len 4, 60 real tokens
 SUMMARY_LEN = 3
