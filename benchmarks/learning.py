@@ -25,6 +25,7 @@ import time
 import jax
 import numpy as np
 
+from experiments.configs import apply_overrides, parse_set_args
 from experiments.configs.recipes import recipe
 from rl_agents.trainer import make_trainer
 
@@ -44,12 +45,7 @@ def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes
             final_episodes: int = 0, max_updates: int | None = None) -> dict:
     config = load_config(task, algo)
     config.seed = seed
-    for k, v in overrides.items():
-        node = config
-        *path, leaf = k.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = type(node[leaf])(v) if node[leaf] is not None else v
+    apply_overrides(config, overrides)
     t0 = time.time()
     trainer = make_trainer(config)
     state = trainer.init(jax.random.PRNGKey(config.seed))
@@ -150,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args(argv)
-    overrides = dict(s.split("=", 1) for s in args.set)
+    overrides = parse_set_args(args.set)
     if args.quick:
         overrides.update({"bc.episodes": "128", "bc.epochs": "1", "total_updates": "2",
                           "model.d_model": "32", "model.d_ff": "64", "model.n_layers": "1"})

@@ -114,7 +114,7 @@ def run_chain(out: str, *, env_name: str = "guess_number", seeds=(0, 1, 2), upda
               sft_episodes: int = 1024, epsilon: float = 0.4, sft_epochs: int = 4,
               eval_episodes: int = 1024, set_overrides: dict | None = None,
               verbose: bool = True) -> dict:
-    from experiments.configs import available, load
+    from experiments.configs import apply_overrides, available, load
     from experiments.configs.recipes import recipe
     from experiments.run import build_trainer, run_training
 
@@ -136,12 +136,7 @@ def run_chain(out: str, *, env_name: str = "guess_number", seeds=(0, 1, 2), upda
         cfg.total_updates = updates
         cfg.eval_every = cfg.checkpoint_every = max(1, updates)
         cfg.rollout.eval_episodes = min(cfg.rollout.eval_episodes, 256)
-        for k, v in (set_overrides or {}).items():
-            node = cfg
-            *parents, leaf = k.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = type(node[leaf])(v)
+        apply_overrides(cfg, set_overrides or {})
         t0 = time.time()
         if start is None:     # the SFT policy on the fresh episodes (same for every seed)
             tr0 = build_trainer(cfg)
@@ -178,7 +173,8 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the RL runs, e.g. --set rollout.temperature=0.5")
     args = ap.parse_args(argv)
-    overrides = dict(s.split("=", 1) for s in args.set)
+    from experiments.configs import parse_set_args
+    overrides = parse_set_args(args.set)
     r = run_chain(args.out, env_name=args.env, seeds=tuple(int(s) for s in args.seeds.split(",")),
                   updates=args.updates, sft_episodes=args.sft_episodes, epsilon=args.epsilon,
                   sft_epochs=args.sft_epochs, eval_episodes=args.eval_episodes,

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 __all__ = ["CONFIG_DIR", "HELPER_MODULES", "available", "config_path", "load", "parse_flags",
-           "override_error", "route_choices"]
+           "override_error", "route_choices", "parse_set_args", "apply_overrides"]
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 #: Modules of this package that build configs but are not configs themselves.
@@ -72,6 +72,55 @@ def load(name: str, overrides: Mapping[str, Any] | None = None) -> ml_collection
         except TypeError as e:
             raise ValueError(f"config.{key} = {value!r}: {e}") from None
     cfg.lock()
+    return cfg
+
+
+# ----------------------------------------------------------------------------- --set KEY=VALUE
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def parse_set_args(items: Sequence[str]) -> dict:
+    """``["KEY=VALUE", ...]`` (the repeated ``--set`` of the benchmarks and experiment scripts)
+    → ``{KEY: VALUE}``; ValueError (one line) on an item without ``=``."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} is not KEY=VALUE")
+        out[key] = text
+    return out
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, str]):
+    """Set ``{KEY: text}`` on ``cfg`` in place, each text converted to the type of the value it
+    replaces: bool from true / false (1 / 0, yes / no; any case), int, float, str; a ``None``
+    or container field from a Python literal (else the text). ValueError (one line) naming an
+    unknown key (with a did-you-mean) or a text that is not of the field's type."""
+    import ast
+    for key, text in overrides.items():
+        text = str(text)
+        missing = _missing_field(cfg, key)
+        if missing is not None:
+            raise ValueError(f"--set {key}={text}: the config has no field {missing}")
+        parent, _, leaf = key.rpartition(".")
+        node = _walk(cfg, parent) if parent else cfg
+        old = node[leaf]
+        try:
+            if isinstance(old, bool):
+                if text.lower() not in _TRUE + _FALSE:
+                    raise ValueError(text)
+                value = text.lower() in _TRUE
+            elif isinstance(old, (int, float, str)):
+                value = type(old)(text)
+            else:
+                try:
+                    value = ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    value = text
+        except ValueError:
+            raise ValueError(f"--set {key}={text}: {text!r} cannot be read as {type(old).__name__} "
+                             f"(config.{key} = {old!r})") from None
+        setattr(node, leaf, value)
     return cfg
 
 

@@ -242,3 +242,27 @@ def test_choosing_a_task_and_contradictions():
         configs.route_choices(["train", "--config", one_task, "--config.env.name=maze"])
     assert _parse(["train", "--config", one_task, "--config.rl.algorithm=rloo"]).to_json() == \
         configs.load("calculator_rloo").to_json()
+
+
+def test_set_overrides_take_the_fields_types():
+    """``--set KEY=VALUE`` of the benchmarks: texts become the replaced field's type (a bool from
+    "False" is False, not ``bool("False")``); bad keys and values give one line."""
+    cfg = configs.load("guess_number_grpo")
+    cfg.unlock()
+    overrides = configs.parse_set_args([
+        "rollout.continuous.until_full=False", "rollout.mode=continuous", "total_updates=7",
+        "optim.lr=2e-4", "rl.kl_coef=1", "bc.epsilon=0.25"])
+    configs.apply_overrides(cfg, overrides)
+    assert cfg.rollout.continuous.until_full is False and cfg.rollout.mode == "continuous"
+    assert cfg.total_updates == 7 and cfg.optim.lr == 2e-4 and cfg.bc.epsilon == 0.25
+    assert isinstance(cfg.rl.kl_coef, float) and cfg.rl.kl_coef == 1.0
+    configs.apply_overrides(cfg, {"rollout.continuous.until_full": "TRUE"})
+    assert cfg.rollout.continuous.until_full is True
+    with pytest.raises(ValueError, match=r"'maybe' cannot be read as bool"):
+        configs.apply_overrides(cfg, {"rollout.continuous.until_full": "maybe"})
+    with pytest.raises(ValueError, match=r"'1.5' cannot be read as int"):
+        configs.apply_overrides(cfg, {"total_updates": "1.5"})
+    with pytest.raises(ValueError, match=r"did you mean config.rollout.mode"):
+        configs.apply_overrides(cfg, {"rollout.mdoe": "sync"})
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        configs.parse_set_args(["total_updates"])
