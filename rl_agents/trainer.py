@@ -788,6 +788,11 @@ def minibatch_epochs(loss_fn, optimizer, params, opt_state, batch: dict, key, *,
     and optimizer state stay as they were (the optimizer's step count too), later steps go on;
     ``update/nonfinite_step`` = 1 on such steps (``NONFINITE_STEP``).
 
+    A minibatch without a loss token (``loss_mask`` all False: the unfilled rows of a continuous
+    buffer, filler groups) is skipped too: its gradient is zero, and an AdamW step on a zero
+    gradient would still move the parameters along the moment estimates and decay them.
+    ``update/empty_step_frac`` is the fraction of the update's steps skipped so.
+
     ``target_kl`` > 0 adds PPO's KL early stopping (Stable-Baselines3 ``target_kl``): once a
     minibatch's ``policy/approx_kl`` (KL(π_old‖π) of the current parameters, measured before
     its step) exceeds 1.5·target_kl, that step and every later step of this update are skipped
@@ -807,6 +812,11 @@ def minibatch_epochs(loss_fn, optimizer, params, opt_state, batch: dict, key, *,
                                                                loss, grads)
             metrics["grad_norm"] = grad_norm
             metrics[NONFINITE_STEP] = bad.astype(jnp.float32)
+            if "loss_mask" in mb:
+                empty = ~jnp.any(mb["loss_mask"])
+                new_params, new_opt = tree_select(empty, (params, opt_state),
+                                                  (new_params, new_opt))
+                metrics["update/empty_step_frac"] = empty.astype(jnp.float32)
             if target_kl > 0:
                 stopped = stopped | (metrics["policy/approx_kl"] > 1.5 * target_kl)
                 new_params, new_opt = tree_select(stopped, (params, opt_state),

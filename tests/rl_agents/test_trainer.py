@@ -147,3 +147,39 @@ def test_mismatch_kl_is_the_sampler_trainer_kl(monkeypatch, shift):
     _, metrics = make_train(c)(jax.random.PRNGKey(0))
     want = np.exp(shift) - 1.0 - shift
     np.testing.assert_allclose(float(metrics["mismatch/kl"][0]), want, atol=2e-5, rtol=1e-3)
+
+
+def test_minibatch_epochs_skips_minibatches_without_loss_tokens():
+    """A minibatch whose loss_mask is all False leaves params and AdamW state (its count too) as
+    they were; the result equals running the other minibatches alone — and differs from taking
+    the zero-gradient steps, which move the parameters along the moments and decay them."""
+    import optax
+    from rl_agents.trainer import minibatch_epochs
+    x = jnp.arange(1.0, 9.0)
+    batch = {"x": x, "loss_mask": jnp.asarray([1, 1, 0, 0, 1, 1, 0, 0], bool)}
+
+    def loss_fn(p, mb):
+        m = mb["loss_mask"]
+        per = (mb["x"] * p["w"] - 1.0) ** 2
+        return jnp.where(m, per, 0.0).sum() / jnp.maximum(m.sum(), 1), {}
+
+    opt = optax.adamw(0.1, weight_decay=0.1)
+    w0 = {"w": jnp.full((), 2.0)}
+    key = jax.random.PRNGKey(9)
+    p, s, m = minibatch_epochs(loss_fn, opt, w0, opt.init(w0), batch, key, epochs=1,
+                               minibatches=4, batch_size=8)
+    perm = np.asarray(jax.random.permutation(jax.random.split(key, 1)[0], 8)).reshape(4, 2)
+    empty = ~np.asarray(batch["loss_mask"])[perm].any(1)
+    assert 0 < empty.sum() < 4 and not empty[0], "the key must give an empty later minibatch"
+    np.testing.assert_array_equal(np.asarray(m["update/empty_step_frac"])[0], empty)
+    assert int(s[0].count) == 4 - empty.sum()
+
+    def reference(rows):
+        ref, ref_s = w0, opt.init(w0)
+        for idx in rows:
+            g = jax.grad(lambda q: loss_fn(q, {"x": x[idx], "loss_mask": batch["loss_mask"][idx]})[0])(ref)
+            u, ref_s = opt.update(g, ref_s, ref)
+            ref = optax.apply_updates(ref, u)
+        return ref["w"]
+    np.testing.assert_allclose(p["w"], reference(perm[~empty]), rtol=1e-6)
+    assert abs(float(reference(perm)) - float(p["w"])) > 1e-3
