@@ -32,6 +32,13 @@ from rl_agents.trainer import make_trainer
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
+# per-update metrics whose mean over the run is reported (those the run logs)
+MEAN_METRICS = ("mismatch/masked_frac", "mismatch/weight_mean", "mismatch/clipped_frac",
+                "continuous/staleness_mean", "continuous/groups_completed",
+                "continuous/groups_dropped_stale", "continuous/turn_steps",
+                "update/empty_step_frac")
+
+
 def load_config(task: str, algo: str):
     name = f"experiments.configs.{task}_{algo}"
     try:
@@ -61,6 +68,7 @@ def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes
           file=sys.stderr, flush=True)
     env_steps = 0
     mismatch = []                     # mismatch/kl of every update (sampler vs trainer)
+    means: dict = {}                  # MEAN_METRICS the run logs, every update
     deadline = t0 + minutes * 60
     update = 0
     last = config.total_updates if max_updates is None else min(max_updates, config.total_updates)
@@ -68,6 +76,9 @@ def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes
         state, metrics = trainer.update(state)
         update += 1
         mismatch.append(float(metrics["mismatch/kl"]))
+        for k in MEAN_METRICS:
+            if k in metrics:
+                means.setdefault(k, []).append(float(metrics[k]))
         env_steps += int(round(float(metrics["rollout/turns"]) * trainer.batch_size
                                * (1 if trainer.algorithm.dynamic_sampling is False
                                   else config.rl.oversample)))
@@ -92,7 +103,8 @@ def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes
             "wall_s": curve[-1]["wall_s"], "env_steps": env_steps, "updates": update,
             "bc_epsilon": float(config.bc.epsilon), "stop_at": stop_at,
             "seconds_per_update": (curve[-1]["wall_s"] - bc_time) / max(update, 1),
-            "mismatch_kl_mean": float(np.mean(mismatch)) if mismatch else None, "curve": curve}
+            "mismatch_kl_mean": float(np.mean(mismatch)) if mismatch else None,
+            "metric_means": {k: float(np.mean(v)) for k, v in means.items()}, "curve": curve}
 
 
 def plot(result: dict, path: str) -> None:

@@ -37,5 +37,6 @@ def test_max_updates_stops_early_with_the_schedule_of_total_updates(tmp_path):
     r = learning.run_one("guess_number", "grpo", minutes=5, eval_every=1, eval_episodes=8,
                          overrides=quick, max_updates=1)
     assert r["updates"] == 1 and [p["update"] for p in r["curve"]] == [0, 1]
+    assert r["metric_means"] == {"update/empty_step_frac": 0.0}    # a synchronous run logs it
     with pytest.raises(ValueError, match="max_updates"):
         learning.main(["--max_updates", "0", "--results_dir", str(tmp_path)])
