@@ -4,8 +4,9 @@ One bad batch (a NaN reward, an overflow) would otherwise write NaN into the par
 optimizer state and every later checkpoint. Two levels, both inside the jitted update:
 
 * ``guarded_step``: one optax step that leaves parameters and optimizer state unchanged when the
-  loss or the gradient's global norm is not finite (every optimizer step of an update uses it:
-  ``trainer.minibatch_epochs``, ArCHer's critic step, the PRIME PRM step).
+  loss or the gradient's global norm is not finite, or the caller says the batch is empty
+  (every optimizer step of an update uses it: ``trainer.minibatch_epochs``, ArCHer's critic
+  step, the PRIME PRM step).
 * the update (``skip_nonfinite``): if any of its steps was not finite, or its new parameters
   are not, the trainer returns the trained state from before the update (parameters, optimizer states, PRM, ArCHer's
   critic target and replay buffer); ``key`` and ``step`` still advance. ``nonfinite_metrics``
@@ -38,14 +39,18 @@ def all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
-def guarded_step(optimizer, params, opt_state, loss, grads):
+def guarded_step(optimizer, params, opt_state, loss, grads, empty=None):
     """One optax step that is skipped when ``loss`` or the gradient's global norm is not
-    finite: ``(params, opt_state, grad_norm, skipped)`` (the old ones when skipped)."""
+    finite: ``(params, opt_state, grad_norm, bad)`` (the old ones when skipped; ``bad``: not
+    finite). ``empty`` (bool ``[]``): the batch has nothing to learn from (no loss token / no
+    row of weight > 0), so the step is skipped too — its gradient is zero, and an AdamW step on
+    a zero gradient would still move the parameters along the moment estimates and decay them."""
     grad_norm = optax.global_norm(grads)
     bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
     updates, new_opt = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    new_params, new_opt = tree_select(bad, (params, opt_state), (new_params, new_opt))
+    skip = bad if empty is None else bad | empty
+    new_params, new_opt = tree_select(skip, (params, opt_state), (new_params, new_opt))
     return new_params, new_opt, grad_norm, bad
 
 

@@ -118,12 +118,16 @@ def prm_update(prm_params, opt_state, batch: dict, *, prm_model, optimizer, beta
     """One optax step on ``prm_loss``: ``(prm_params, opt_state, metrics)`` (jitted; also
     traceable inside a larger jit). ``optimizer`` is an ``optax.GradientTransformation``. A
     non-finite loss or gradient skips the step (``nonfinite.guarded_step``: params and state
-    unchanged, ``prm/nonfinite_step`` = 1)."""
+    unchanged, ``prm/nonfinite_step`` = 1), and so does a batch with no row to learn from (no
+    loss token, or ``row_weight`` 0: an update that completed no continuous group)."""
     (loss, metrics), grads = jax.value_and_grad(
         lambda p: prm_loss(prm_model, p, batch, beta=beta, temperature=temperature),
         has_aux=True)(prm_params)
+    rows = batch["loss_mask"].any(-1)
+    if batch.get("row_weight") is not None:
+        rows = rows & (jnp.asarray(batch["row_weight"]) > 0)
     prm_params, opt_state, grad_norm, bad = guarded_step(optimizer, prm_params, opt_state, loss,
-                                                         grads)
+                                                         grads, empty=~rows.any())
     metrics = dict(metrics, **{"prm/grad_norm": grad_norm,
                                PRM_NONFINITE_STEP: bad.astype(jnp.float32)})
     return prm_params, opt_state, metrics

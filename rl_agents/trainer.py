@@ -808,14 +808,12 @@ def minibatch_epochs(loss_fn, optimizer, params, opt_state, batch: dict, key, *,
         def minibatch(carry, mb):
             params, opt_state, stopped = carry
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+            empty = ~jnp.any(mb["loss_mask"]) if "loss_mask" in mb else None
             new_params, new_opt, grad_norm, bad = guarded_step(optimizer, params, opt_state,
-                                                               loss, grads)
+                                                               loss, grads, empty=empty)
             metrics["grad_norm"] = grad_norm
             metrics[NONFINITE_STEP] = bad.astype(jnp.float32)
-            if "loss_mask" in mb:
-                empty = ~jnp.any(mb["loss_mask"])
-                new_params, new_opt = tree_select(empty, (params, opt_state),
-                                                  (new_params, new_opt))
+            if empty is not None:
                 metrics["update/empty_step_frac"] = empty.astype(jnp.float32)
             if target_kl > 0:
                 stopped = stopped | (metrics["policy/approx_kl"] > 1.5 * target_kl)

@@ -168,6 +168,30 @@ def test_online_prm_update_separates_successes_from_failures(gn_traj):
     assert (np.asarray(rewards(params))[~np.asarray(mask)] == 0).all()
 
 
+def test_prm_step_skipped_without_a_row_to_learn_from(gn_traj):
+    """row_weight all 0 (an update that completed no continuous group): params and AdamW state
+    stay as they were — after a real step the moments are non-zero and a zero-gradient step
+    would move the PRM; one row of weight 1 trains."""
+    env, traj = gn_traj
+    t = int(traj.valid.sum(-1).max())
+    model = tiny_policy(env.max_episode_tokens)
+    ref = _init(model, jax.random.PRNGKey(1))
+    tokens, valid, mask = traj.tokens[:, :t], traj.valid[:, :t], traj.loss_mask[:, :t]
+    b = tokens.shape[0]
+    batch = dict(tokens=tokens, valid=valid, loss_mask=mask,
+                 labels=jnp.asarray(traj.success, jnp.float32),
+                 ref_logp=jax.jit(PR.prm_logprobs, static_argnums=0)(model, ref, tokens, valid))
+    opt = optax.adamw(3e-3, weight_decay=0.1)
+    step = lambda p, s, w: PR.prm_update(p, s, dict(batch, row_weight=w), prm_model=model,
+                                         optimizer=opt, beta=0.05)
+    p1, s1, _ = step(ref, opt.init(ref), jnp.ones((b,)))
+    p2, s2, _ = step(p1, s1, jnp.zeros((b,)))
+    jax.tree.map(np.testing.assert_array_equal, (p2, s2), (p1, s1))
+    p3, _, _ = step(p1, s1, jnp.zeros((b,)).at[0].set(1.0))
+    assert any(np.any(np.asarray(a) != np.asarray(c))
+               for a, c in zip(jax.tree.leaves(p3), jax.tree.leaves(p1)))
+
+
 def test_apply_process_rewards_on_a_rollout(gn_traj):
     """The trainer-facing entry point: PRM step on the success labels, shaped process rewards
     added consistently to token rewards, turn rewards and returns."""
