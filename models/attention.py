@@ -63,6 +63,8 @@ def cached_attention(q, k_new, v_new, k_cache, v_cache, lengths, scale: float,
     short chunks: the C queries of a kv head are one tile of the kernel); longer chunks (prompt
     prefill) take the XLA path.
     """
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"cached_attention impl={impl!r} is not one of ('xla', 'pallas')")
     b, c, h, d = q.shape
     hkv = k_new.shape[2]
     g = h // hkv
@@ -121,9 +123,14 @@ def _pallas_flash_attention():
 
 
 def resolve_attention_impl(impl: str) -> str:
-    """"auto" → "pallas" on GPU / TPU (when the kernel imports), "xla" otherwise."""
+    """"auto" → "pallas" on one GPU / TPU device (when the kernel imports), "xla" otherwise.
+
+    With more than one device "auto" stays on XLA: XLA's SPMD partitioner does not split a
+    Pallas call, so under a batch-sharded mesh the kernel's inputs are gathered to every device
+    and each computes the whole batch ("pallas" asked for by name does just that)."""
     if impl == "auto":
-        if jax.default_backend() in ("gpu", "tpu") and _pallas_flash_attention() is not None:
+        if (jax.default_backend() in ("gpu", "tpu") and jax.device_count() == 1
+                and _pallas_flash_attention() is not None):
             return "pallas"
         return "xla"
     if impl not in ("xla", "pallas"):

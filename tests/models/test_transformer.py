@@ -254,6 +254,18 @@ def test_auto_impl_is_xla_on_cpu():
         resolve_attention_impl("cuda")
 
 
+@pytest.mark.parametrize("backend,devices,want", [("gpu", 1, "pallas"), ("tpu", 1, "pallas"),
+                                                  ("gpu", 8, "xla"), ("cpu", 1, "xla")])
+def test_auto_impl_is_pallas_on_one_accelerator_only(monkeypatch, backend, devices, want):
+    """Under a mesh XLA does not partition a Pallas call (its inputs would be gathered to every
+    device), so "auto" picks the kernel on a single GPU / TPU device only."""
+    from models.attention import resolve_attention_impl
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(jax, "device_count", lambda: devices)
+    assert resolve_attention_impl("auto") == want
+    assert resolve_attention_impl("pallas") == "pallas"
+
+
 def test_pallas_path_matches_xla():
     pk = pytest.importorskip("pallas_kernels")
     if not hasattr(pk, "flash_attention"):
