@@ -168,10 +168,16 @@ def main(argv=None) -> int:
     if args.eval_every < 1 or args.eval_episodes < 1 or args.final_episodes < 0:
         raise ValueError(f"--eval_every and --eval_episodes must be >= 1 and --final_episodes >= 0, "
                          f"got {args.eval_every}, {args.eval_episodes}, {args.final_episodes}")
+    specs = []
+    for spec in args.runs.split(","):
+        task, sep, algo = spec.partition(":")
+        if not sep or not task or not algo:
+            raise ValueError(f"--runs entry {spec!r} is not TASK:ALGORITHM")
+        apply_overrides(load_config(task, algo), overrides)     # bad --set: fail before any run
+        specs.append((task, algo))
     os.makedirs(args.results_dir, exist_ok=True)
     results = []
-    for spec in args.runs.split(","):
-        task, algo = spec.split(":")
+    for task, algo in specs:
         r = run_one(task, algo, args.minutes, args.eval_every, args.eval_episodes, overrides,
                     seed=args.seed, stop_at=args.stop_at, final_episodes=args.final_episodes,
                     max_updates=args.max_updates)
@@ -189,4 +195,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as e:                  # bad arguments: one line, exit status 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

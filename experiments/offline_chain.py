@@ -173,8 +173,11 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the RL runs, e.g. --set rollout.temperature=0.5")
     args = ap.parse_args(argv)
-    from experiments.configs import parse_set_args
+    from experiments.configs import apply_overrides, available, load, parse_set_args
+    from experiments.configs.recipes import recipe
     overrides = parse_set_args(args.set)
+    name = f"{args.env}_grpo"                # a bad --set fails here, before the SFT stage
+    apply_overrides(load(name) if name in available() else recipe(args.env, "grpo"), overrides)
     r = run_chain(args.out, env_name=args.env, seeds=tuple(int(s) for s in args.seeds.split(",")),
                   updates=args.updates, sft_episodes=args.sft_episodes, epsilon=args.epsilon,
                   sft_epochs=args.sft_epochs, eval_episodes=args.eval_episodes,
@@ -187,4 +190,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:                  # bad arguments: one line, exit status 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

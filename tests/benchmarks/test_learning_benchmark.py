@@ -40,3 +40,13 @@ def test_max_updates_stops_early_with_the_schedule_of_total_updates(tmp_path):
     assert r["metric_means"] == {"update/empty_step_frac": 0.0}    # a synchronous run logs it
     with pytest.raises(ValueError, match="max_updates"):
         learning.main(["--max_updates", "0", "--results_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["--set", "rollout.mdoe=sync"], r"did you mean config.rollout.mode"),
+    (["--set", "rollout.continuous.until_full=maybe"], r"'maybe' cannot be read as bool"),
+    (["--runs", "guess_number"], r"is not TASK:ALGORITHM")])
+def test_bad_set_or_runs_fail_before_any_run(argv, pattern, tmp_path):
+    with pytest.raises(ValueError, match=pattern):
+        learning.main(argv + ["--results_dir", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
