@@ -15,7 +15,6 @@ and on fresh seeds, best success, wall time, env steps, updates), with the hardw
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -25,8 +24,7 @@ import time
 import jax
 import numpy as np
 
-from experiments.configs import apply_overrides, parse_set_args
-from experiments.configs.recipes import recipe
+from experiments.configs import apply_overrides, parse_set_args, task_config
 from rl_agents.trainer import make_trainer
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -39,12 +37,7 @@ MEAN_METRICS = ("mismatch/masked_frac", "mismatch/weight_mean", "mismatch/clippe
                 "update/empty_step_frac")
 
 
-def load_config(task: str, algo: str):
-    name = f"experiments.configs.{task}_{algo}"
-    try:
-        return importlib.import_module(name).get_config()
-    except ModuleNotFoundError:
-        return recipe(task, algo)
+load_config = task_config      # the config file of task_algo if there is one, else the recipe
 
 
 def run_one(task: str, algo: str, minutes: float, eval_every: int, eval_episodes: int,

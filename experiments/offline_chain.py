@@ -114,8 +114,7 @@ def run_chain(out: str, *, env_name: str = "guess_number", seeds=(0, 1, 2), upda
               sft_episodes: int = 1024, epsilon: float = 0.4, sft_epochs: int = 4,
               eval_episodes: int = 1024, set_overrides: dict | None = None,
               verbose: bool = True) -> dict:
-    from experiments.configs import apply_overrides, available, load
-    from experiments.configs.recipes import recipe
+    from experiments.configs import apply_overrides, task_config
     from experiments.run import build_trainer, run_training
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
@@ -128,8 +127,7 @@ def run_chain(out: str, *, env_name: str = "guess_number", seeds=(0, 1, 2), upda
     runs = []
     start = None
     for seed in seeds:
-        cfg = (load(f"{env_name}_grpo") if f"{env_name}_grpo" in available()
-               else recipe(env_name, "grpo"))
+        cfg = task_config(env_name, "grpo")
         cfg.model.hf_checkpoint = os.path.abspath(pre_dir)
         cfg.bc.episodes = 0
         cfg.seed = seed
@@ -173,11 +171,9 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the RL runs, e.g. --set rollout.temperature=0.5")
     args = ap.parse_args(argv)
-    from experiments.configs import apply_overrides, available, load, parse_set_args
-    from experiments.configs.recipes import recipe
+    from experiments.configs import apply_overrides, parse_set_args, task_config
     overrides = parse_set_args(args.set)
-    name = f"{args.env}_grpo"                # a bad --set fails here, before the SFT stage
-    apply_overrides(load(name) if name in available() else recipe(args.env, "grpo"), overrides)
+    apply_overrides(task_config(args.env, "grpo"), overrides)   # a bad --set fails before SFT
     r = run_chain(args.out, env_name=args.env, seeds=tuple(int(s) for s in args.seeds.split(",")),
                   updates=args.updates, sft_episodes=args.sft_episodes, epsilon=args.epsilon,
                   sft_epochs=args.sft_epochs, eval_episodes=args.eval_episodes,

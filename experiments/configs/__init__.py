@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 __all__ = ["CONFIG_DIR", "HELPER_MODULES", "available", "config_path", "load", "parse_flags",
-           "override_error", "route_choices", "parse_set_args", "apply_overrides"]
+           "override_error", "route_choices", "parse_set_args", "apply_overrides", "task_config"]
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 #: Modules of this package that build configs but are not configs themselves.
@@ -49,6 +49,16 @@ def config_path(name: str) -> str:
     if name not in available():
         raise ValueError(f"unknown config {name!r}; available: {', '.join(available())}")
     return os.path.join(CONFIG_DIR, f"{name}.py")
+
+
+def task_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
+    """The config of ``algorithm`` on ``task``: the file ``TASK_ALGORITHM.py`` when there is
+    one, else the published ``recipes.recipe(task, algorithm)`` (unlocked, no overrides)."""
+    name = f"{task}_{algorithm}"
+    if name in available():
+        return importlib.import_module(f"experiments.configs.{name}").get_config()
+    from experiments.configs.recipes import recipe
+    return recipe(task, algorithm)
 
 
 def load(name: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:

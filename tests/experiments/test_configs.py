@@ -266,3 +266,9 @@ def test_set_overrides_take_the_fields_types():
         configs.apply_overrides(cfg, {"rollout.mdoe": "sync"})
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         configs.parse_set_args(["total_updates"])
+
+
+def test_task_config_is_the_file_when_there_is_one_else_the_recipe():
+    assert configs.task_config("kv_search", "ppo").to_dict() == _get("kv_search_ppo").to_dict()
+    assert "maze_grpo" not in NAMES
+    assert configs.task_config("maze", "grpo").to_dict() == recipes.recipe("maze", "grpo").to_dict()
