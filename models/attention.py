@@ -4,18 +4,23 @@ GQA: the H query heads are split into H_kv groups of G = H / H_kv heads sharing 
 q is reshaped to [B, T, H_kv, G, D] and contracted with k [B, S, H_kv, D] directly (K/V are never
 repeated). Scores are (q·k)·D^(−1/2) in float32. Full sequences: XLA or the Pallas flash-attention
 kernel; the KV-cached path: XLA or the Pallas decode kernel merged with the chunk's own keys.
+Under a context mesh (``models.sharding.on_mesh``) both kernels run per shard (``shard_map``).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jax.sharding import PartitionSpec as P
+
 from models.config import ModelConfig
 from models.layers import Dense
 from models.rope import apply_rope, config_rope
+from models.sharding import BATCH_AXES, TENSOR_AXIS, context_mesh, divisible_axes
 
 NEG_INF = -1e30   # finite: masked scores underflow to exactly 0 after exp, never NaN
 
@@ -98,8 +103,9 @@ def _cached_attention_pallas(q, qg, s_new, v_new, k_cache, v_cache, lengths, sca
     b, c, h, d = q.shape
     hkv, g = qg.shape[2], qg.shape[3]
     q_rows = qg.transpose(0, 2, 1, 3, 4).reshape(b, hkv * c * g, d)               # [B,K·C·G,D]
-    o_old, lse = flash_decode(q_rows, k_cache, v_cache, lengths, sm_scale=scale,
-                              return_lse=True)
+    o_old, lse = _decode_per_shard(
+        functools.partial(flash_decode, sm_scale=scale, return_lse=True),
+        q_rows, k_cache, v_cache, lengths)
     o_old = o_old.reshape(b, hkv, c, g, d).transpose(0, 1, 3, 2, 4)               # [B,K,G,C,D]
     lse = lse.reshape(b, hkv, c, g).transpose(0, 1, 3, 2)                         # [B,K,G,C]
     mx = jnp.maximum(lse, s_new.max(-1))          # finite: every query sees its own key
@@ -113,6 +119,54 @@ def _cached_attention_pallas(q, qg, s_new, v_new, k_cache, v_cache, lengths, sca
     return o.transpose(0, 3, 1, 2, 4).reshape(b, c, h, d).astype(q.dtype)
 
 
+# ----------------------------------------------------------------------------- kernels on a mesh
+# XLA's SPMD partitioner does not split a Pallas call: under a sharded jit it gathers the
+# kernel's inputs to every device, and each device computes the whole batch. The calls below
+# run the kernel per shard with ``jax.shard_map`` over the context mesh (set by the trainer,
+# ``models.sharding.on_mesh``): rows split over the data axes ("data", "fsdp") when the batch
+# divides over them, kv heads (with their query heads) over "tensor" when they divide. With no
+# context mesh, a one-device mesh or nothing to split, the kernel is called directly.
+
+
+def _kernel_specs(batch: int, kv_heads: int):
+    """(mesh, batch entry, head entry) of the per-shard call, or None to call directly."""
+    mesh = context_mesh()
+    if mesh is None:
+        return None
+    bt = divisible_axes(mesh, BATCH_AXES, batch)
+    hd = divisible_axes(mesh, (TENSOR_AXIS,), kv_heads)
+    if bt is None and hd is None:
+        return None
+    return mesh, bt, hd
+
+
+def _flash_attention_per_shard(flash_attention, q, k, v, segment_ids):
+    """``flash_attention(q, k, v, segment_ids=...)`` with q [B,T,H,D], k / v [B,S,Hkv,D],
+    segment_ids [B,T], run on each shard of the context mesh (see above)."""
+    specs = _kernel_specs(q.shape[0], k.shape[2])
+    if specs is None:
+        return flash_attention(q, k, v, segment_ids=segment_ids)
+    mesh, bt, hd = specs
+    x = P(bt, None, hd, None)
+    return jax.shard_map(lambda q_, k_, v_, s_: flash_attention(q_, k_, v_, segment_ids=s_),
+                         mesh=mesh, in_specs=(x, x, x, P(bt, None)), out_specs=x,
+                         check_vma=False)(q, k, v, segment_ids)
+
+
+def _decode_per_shard(flash_decode, q_rows, k_cache, v_cache, lengths):
+    """``flash_decode(q_rows, k_cache, v_cache, lengths) -> (out, lse)`` with q_rows
+    [B, Hkv·R, D] (the rows of kv head k contiguous), caches [B,S,Hkv,D], lengths [B], run on
+    each shard of the context mesh (see above)."""
+    specs = _kernel_specs(q_rows.shape[0], k_cache.shape[2])
+    if specs is None:
+        return flash_decode(q_rows, k_cache, v_cache, lengths)
+    mesh, bt, hd = specs
+    rows, cache = P(bt, hd, None), P(bt, None, hd, None)
+    return jax.shard_map(flash_decode, mesh=mesh, in_specs=(rows, cache, cache, P(bt)),
+                         out_specs=(rows, P(bt, hd)), check_vma=False)(
+        q_rows, k_cache, v_cache, lengths)
+
+
 def _pallas_flash_attention():
     """``pallas_kernels.flash_attention`` or None when it cannot be imported."""
     try:
@@ -123,13 +177,16 @@ def _pallas_flash_attention():
 
 
 def resolve_attention_impl(impl: str) -> str:
-    """"auto" → "pallas" on one GPU / TPU device (when the kernel imports), "xla" otherwise.
+    """"auto" → "pallas" on a GPU / TPU (when the kernel imports) with one device, or with
+    several under a context mesh (``models.sharding.on_mesh``: the kernels then run per shard);
+    "xla" otherwise. Read at trace time.
 
-    With more than one device "auto" stays on XLA: XLA's SPMD partitioner does not split a
-    Pallas call, so under a batch-sharded mesh the kernel's inputs are gathered to every device
-    and each computes the whole batch ("pallas" asked for by name does just that)."""
+    Without a context mesh, "auto" stays on XLA with several devices: XLA's SPMD partitioner
+    does not split a Pallas call, so under a sharded jit the kernel's inputs would be gathered
+    to every device and each would compute the whole batch."""
     if impl == "auto":
-        if (jax.default_backend() in ("gpu", "tpu") and jax.device_count() == 1
+        if (jax.default_backend() in ("gpu", "tpu")
+                and (jax.device_count() == 1 or context_mesh() is not None)
                 and _pallas_flash_attention() is not None):
             return "pallas"
         return "xla"
@@ -180,8 +237,9 @@ class Attention(nn.Module):
             if flash_attention is None:
                 raise ImportError("attention_impl='pallas' needs pallas_kernels.flash_attention, "
                                   "which could not be imported")
-            o = flash_attention(q, k, v, causal=True, segment_ids=segment_ids.astype(jnp.int32),
-                                sm_scale=scale)
+            o = _flash_attention_per_shard(
+                functools.partial(flash_attention, causal=True, sm_scale=scale),
+                q, k, v, segment_ids.astype(jnp.int32))
         else:
             o = xla_attention(q, k, v, segment_causal_mask(segment_ids), scale)
         out = Dense((x.shape[-1],), ("heads", "head_dim", "embed"), n_in=2, name="o_proj",

@@ -18,12 +18,17 @@ vocab 64 over tensor 4 is sharded, n_kv_heads 2 over tensor 4 is replicated. ``p
 and ``param_shardings_from_logical`` report such fallbacks through an optional ``fallbacks``
 list.
 
+Context mesh: ``on_mesh(fn, mesh)`` traces ``fn`` with the mesh as JAX's abstract context
+mesh; ``context_mesh()`` reads it (the Pallas attention kernels run per shard under it, since
+XLA does not partition a Pallas call).
+
 Multi-process: ``put_global`` places host values identical on every process onto a global
 sharding. The mesh changes no random draw and no data order, only the float order of the
 sharded reductions (docs/determinism.md).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -35,13 +40,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.config import ModelConfig
 
-__all__ = ["AXES", "BATCH_AXES", "LOGICAL_AXIS_RULES", "mesh_shape", "make_mesh", "data_sharding",
+__all__ = ["AXES", "BATCH_AXES", "TENSOR_AXIS", "LOGICAL_AXIS_RULES", "on_mesh", "context_mesh",
+           "divisible_axes", "mesh_shape", "make_mesh", "data_sharding",
            "replicated", "fit_spec", "abstract_boxed_params", "logical_param_specs",
            "mesh_param_specs", "param_shardings", "param_shardings_from_logical",
            "spec_shardings", "shard_params", "put_global"]
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+TENSOR_AXIS = "tensor"
 
 LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
@@ -174,6 +181,41 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+# ----------------------------------------------------------------------------- context mesh
+def on_mesh(fn, mesh: Mesh | None):
+    """``fn`` traced with ``mesh`` as the context (abstract) mesh, which code that shards by
+    hand reads with :func:`context_mesh` (the Pallas kernels' per-shard calls in
+    ``models.attention``). Works inside and outside ``jax.jit``; ``mesh=None`` returns ``fn``."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def traced_on_mesh(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced_on_mesh
+
+
+def context_mesh():
+    """The context mesh (``on_mesh``, ``jax.set_mesh``) when it spans more than one device,
+    else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    return mesh
+
+
+def divisible_axes(mesh, axes: Sequence[str], size: int):
+    """The axes of ``axes`` in ``mesh`` with more than one device, as a PartitionSpec entry,
+    when ``size`` divides evenly over them; None (replicated) when there are none or it does
+    not divide."""
+    present = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not present or size % math.prod(mesh.shape[a] for a in present):
+        return None
+    return present if len(present) > 1 else present[0]
 
 
 # ----------------------------------------------------------------------------- pytrees of specs

@@ -62,7 +62,7 @@ import envs
 import models
 from envs import vocab
 from envs.wrappers import tree_select
-from models.sharding import param_shardings_from_logical, put_global
+from models.sharding import on_mesh, param_shardings_from_logical, put_global
 from models import lora as lora_lib
 from rl_agents import bc as bc_lib
 from rl_agents import continuous as continuous_lib
@@ -294,15 +294,17 @@ class Trainer:
                                              optax.adam(self.process_cfg.lr))
         self.stage = _stage(self)
         self.rm_metrics: dict = {}        # the learned RM's held-out accuracy, set by init
-        self.evaluate = jax.jit(self._evaluate, static_argnames=("episodes", "greedy"))
-        self.sample_groups = jax.jit(self._sample_groups,
+        # traced with the mesh as context: the Pallas kernels run per shard (models.attention)
+        self.evaluate = jax.jit(on_mesh(self._evaluate, mesh),
+                                static_argnames=("episodes", "greedy"))
+        self.sample_groups = jax.jit(on_mesh(self._sample_groups, mesh),
                                      static_argnames=("num_groups", "group_size"))
         if mesh is None:
             self.state_shardings = None
             self.update = jax.jit(self.step, donate_argnums=0)
         else:
             self.state_shardings = self._state_shardings()
-            self.update = jax.jit(self.step, donate_argnums=0,
+            self.update = jax.jit(on_mesh(self.step, mesh), donate_argnums=0,
                                   in_shardings=(self.state_shardings,),
                                   out_shardings=(self.state_shardings, NamedSharding(mesh, P())))
 

@@ -155,3 +155,21 @@ def test_sharded_train_step_matches_single_device():
         assert xs.sharding.spec == P(("data", "fsdp"))
         n_batch = shape[0] * shape[1]
         assert {s.data.shape for s in xs.addressable_shards} == {(BATCH // n_batch, D_IN)}
+
+
+def test_context_mesh_and_divisible_axes():
+    from models.sharding import context_mesh, divisible_axes, on_mesh
+    mesh = make_mesh((2, 2, 2))
+    assert context_mesh() is None
+    seen = on_mesh(lambda: context_mesh(), mesh)()
+    assert seen is not None and dict(seen.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert jax.jit(on_mesh(lambda x: x + (context_mesh() is not None), mesh))(0) == 1  # in jit
+    one = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    assert on_mesh(lambda: context_mesh(), one)() is None          # nothing to split
+    assert on_mesh(lambda: 1, None)() == 1
+    assert divisible_axes(mesh, ("data", "fsdp"), 8) == ("data", "fsdp")
+    assert divisible_axes(mesh, ("data", "fsdp"), 6) is None        # 6 % 4
+    assert divisible_axes(mesh, ("tensor",), 2) == "tensor"
+    dp = make_mesh((4, 1, 2))
+    assert divisible_axes(dp, ("data", "fsdp"), 4) == "data"       # size-1 axes left out
+    assert divisible_axes(dp, ("data", "fsdp"), 2) is None
