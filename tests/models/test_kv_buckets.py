@@ -70,8 +70,10 @@ def test_bucketed_decode_equals_whole_cache_and_full_forward(block, kw):
     np.testing.assert_allclose(np.asarray(out)[v], np.asarray(ref_out)[v], atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(cache.lengths, ref_cache.lengths)
     np.testing.assert_array_equal(cache.lengths, v.sum(1))
-    np.testing.assert_allclose(cache.k, ref_cache.k, atol=1e-6)
-    np.testing.assert_allclose(cache.v, ref_cache.v, atol=1e-6)
+    # later layers' keys / values follow attention outputs read over other bucket lengths:
+    # equal up to float32 summation order (a few ulps)
+    np.testing.assert_allclose(cache.k, ref_cache.k, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(cache.v, ref_cache.v, atol=1e-6, rtol=1e-5)
     # and both equal the full forward pass over the valid tokens (packed positions)
     seg = v.astype(np.int32)
     pos = np.maximum(np.cumsum(v, 1) - 1, 0)
