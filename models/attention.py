@@ -14,7 +14,6 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-
 from jax.sharding import PartitionSpec as P
 
 from models.config import ModelConfig

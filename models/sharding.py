@@ -213,7 +213,7 @@ def divisible_axes(mesh, axes: Sequence[str], size: int):
     when ``size`` divides evenly over them; None (replicated) when there are none or it does
     not divide."""
     present = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
-    if not present or size % math.prod(mesh.shape[a] for a in present):
+    if not present or size % _axes_size(mesh, present):
         return None
     return present if len(present) > 1 else present[0]
 
