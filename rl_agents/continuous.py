@@ -55,7 +55,7 @@ class ContinuousSettings(NamedTuple):
     turns_per_update: int    # turn steps per update (the most, with ``until_full``)
     max_staleness: int       # drop episodes first sampled more than this many updates ago
     reprefill: bool          # rebuild the carried KV caches at each update's start
-    until_full: bool = False  # stop an update's turn steps once its buffer is full
+    until_full: bool         # stop an update's turn steps once its buffer is full
 
 
 def settings_from_config(config) -> ContinuousSettings | None:

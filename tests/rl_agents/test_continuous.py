@@ -85,7 +85,8 @@ def _assert_same(got, want, rows_got=slice(None), rows_want=slice(None), fields=
 def _whole_episodes_update(tr, params, max_staleness, capacity=GROUPS):
     """A first update of max_turns turn steps from empty slots, and the synchronous rollout
     of the same tasks."""
-    settings = C.ContinuousSettings(GROUPS, tr.env.max_turns, max_staleness, reprefill=False)
+    settings = C.ContinuousSettings(GROUPS, tr.env.max_turns, max_staleness, reprefill=False,
+                                     until_full=False)
     carried = C.init_carried(tr.env, tr.policy, settings, G)
     key = jax.random.PRNGKey(3)
     out = _continue(tr, params, carried, key, 0, settings, capacity=capacity)
@@ -112,7 +113,7 @@ def test_episodes_carried_over_an_update_boundary(setup, reprefill):
     synchronous ones; the first two turns' tokens are 1 update stale."""
     tr, params = setup
     k = tr.env.max_turns
-    s0 = C.ContinuousSettings(GROUPS, 2, max_staleness=1, reprefill=reprefill)
+    s0 = C.ContinuousSettings(GROUPS, 2, max_staleness=1, reprefill=reprefill, until_full=False)
     s1 = s0._replace(turns_per_update=k - 2)
     carried = C.init_carried(tr.env, tr.policy, s0, G)
     key0, key1 = jax.random.PRNGKey(3), jax.random.PRNGKey(4)
@@ -193,7 +194,8 @@ def test_until_full_stops_when_the_buffer_is_full(setup):
 
 def test_stale_episodes_are_dropped_and_counted(setup):
     tr, params = setup
-    settings = C.ContinuousSettings(GROUPS, 2, max_staleness=1, reprefill=False)
+    settings = C.ContinuousSettings(GROUPS, 2, max_staleness=1, reprefill=False,
+                                     until_full=False)
     carried = C.init_carried(tr.env, tr.policy, settings, G)
     dropped = []
     for v in range(4):       # 6-turn episodes, 2 turns an update: update 2 finds them 2 stale
