@@ -19,7 +19,8 @@ from jax.sharding import PartitionSpec as P
 from models.config import ModelConfig
 from models.layers import Dense
 from models.rope import apply_rope, config_rope
-from models.sharding import BATCH_AXES, TENSOR_AXIS, context_mesh, divisible_axes
+from models.sharding import (BATCH_AXES, TENSOR_AXIS, constrain_activation, context_mesh,
+                             divisible_axes)
 
 NEG_INF = -1e30   # finite: masked scores underflow to exactly 0 after exp, never NaN
 
@@ -220,6 +221,7 @@ class Attention(nn.Module):
         q = Dense((h, d), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
         k = Dense((hkv, d), ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
         v = Dense((hkv, d), ("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
+        q, k, v = (constrain_activation(y, heads_dim=2) for y in (q, k, v))  # see models.sharding
         inv_freq, mscale = config_rope(cfg)
         q = apply_rope(q, positions, inv_freq, mscale)
         k = apply_rope(k, positions, inv_freq, mscale)

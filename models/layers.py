@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from models.sharding import constrain_activation, gather_table
+
 default_init = nn.initializers.normal(0.02)
 
 
@@ -73,7 +75,8 @@ class Embed(nn.Module):
             default_init, ("vocab", "embed")), (self.vocab_size, self.features), self.param_dtype)
 
     def __call__(self, tokens):
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        x = jnp.take(gather_table(self.embedding), tokens, axis=0)
+        return constrain_activation(x).astype(self.dtype)
 
     def attend(self, x):
         """Logits x · Eᵀ in float32 (inputs in ``dtype``, float32 accumulation)."""

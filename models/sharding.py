@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from models.config import ModelConfig
 
 __all__ = ["AXES", "BATCH_AXES", "TENSOR_AXIS", "LOGICAL_AXIS_RULES", "on_mesh", "context_mesh",
-           "divisible_axes", "mesh_shape", "make_mesh", "data_sharding",
+           "divisible_axes", "constrain_activation", "gather_table", "mesh_shape", "make_mesh", "data_sharding",
            "replicated", "fit_spec", "abstract_boxed_params", "logical_param_specs",
            "mesh_param_specs", "param_shardings", "param_shardings_from_logical",
            "spec_shardings", "shard_params", "put_global"]
@@ -216,6 +216,39 @@ def divisible_axes(mesh, axes: Sequence[str], size: int):
     if not present or size % _axes_size(mesh, present):
         return None
     return present if len(present) > 1 else present[0]
+
+
+# ----------------------------------------------------------------------------- activation layout
+# Under a context mesh the model pins its activations to the layout FSDP / tensor parallelism
+# expect: rows over the data axes, attention heads over ``tensor``, the embedding axis whole.
+# Left to itself, XLA's sharding propagation follows the weights (split along the embedding
+# axis over fsdp) into the activations and, around the per-shard kernels and the kv-head
+# projections that do not divide over ``tensor``, can only reach the layout the next op needs
+# by rematerialising a tensor in full on every device.
+
+
+def constrain_activation(x, heads_dim: int | None = None):
+    """``x`` [B, ...] with rows split over the data axes and, when ``heads_dim`` is given, that
+    dimension over ``tensor`` (each only when it divides), the rest replicated. Unchanged
+    without a context mesh (``on_mesh``)."""
+    mesh = context_mesh()
+    if mesh is None:
+        return x
+    spec = [divisible_axes(mesh, BATCH_AXES, x.shape[0])] + [None] * (x.ndim - 1)
+    if heads_dim is not None:
+        spec[heads_dim] = divisible_axes(mesh, (TENSOR_AXIS,), x.shape[heads_dim])
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def gather_table(table):
+    """An embedding table [vocab, d] as a lookup reads it under a context mesh: vocab split over
+    ``tensor`` when it divides, the embedding axis gathered (FSDP's all-gather of a weight
+    before its use, made explicit). Unchanged without a context mesh."""
+    mesh = context_mesh()
+    if mesh is None:
+        return table
+    return jax.lax.with_sharding_constraint(
+        table, PartitionSpec(divisible_axes(mesh, (TENSOR_AXIS,), table.shape[0]), None))
 
 
 # ----------------------------------------------------------------------------- pytrees of specs

@@ -173,3 +173,30 @@ def test_context_mesh_and_divisible_axes():
     dp = make_mesh((4, 1, 2))
     assert divisible_axes(dp, ("data", "fsdp"), 4) == "data"       # size-1 axes left out
     assert divisible_axes(dp, ("data", "fsdp"), 2) is None
+
+
+def test_activation_layout_under_a_context_mesh():
+    """``constrain_activation`` / ``gather_table`` pin the layout only under a context mesh: rows
+    over the data axes, the heads dim over tensor, each when it divides; the table's vocab over
+    tensor, its embedding axis whole (read back from the compiled outputs' shardings)."""
+    from models.sharding import constrain_activation, gather_table, on_mesh
+    x = np.arange(8 * 3 * 4 * 6, dtype=np.float32).reshape(8, 3, 4, 6)
+    assert constrain_activation(x) is x and gather_table(x) is x            # no context mesh
+    mesh = make_mesh((2, 2, 2))
+
+    def specs(fn, a, in_spec):
+        a = jax.device_put(a, NamedSharding(mesh, in_spec))
+        out = jax.jit(on_mesh(fn, mesh))(a)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(a))      # values untouched
+        return tuple(out.sharding.spec) + (None,) * (out.ndim - len(out.sharding.spec))
+
+    # from an embedding-split input (what propagation from FSDP weights gives)
+    assert specs(lambda a: constrain_activation(a, heads_dim=2), x, P(None, None, None, "fsdp")) \
+        == (("data", "fsdp"), None, "tensor", None)
+    assert specs(constrain_activation, x, P(None, None, None, "fsdp")) \
+        == (("data", "fsdp"), None, None, None)
+    odd = x[:6, :, :3]                                       # 6 rows over 4, 3 heads over 2
+    assert specs(lambda a: constrain_activation(a, heads_dim=2), odd, P()) == (None,) * 4
+    table = x.reshape(96, 6)[:64]
+    assert specs(gather_table, table, P("tensor", "fsdp")) == ("tensor", None)
+    assert specs(gather_table, table[:63], P(None, "fsdp")) == (None, None)  # 63 % 2
