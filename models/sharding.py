@@ -20,7 +20,8 @@ list.
 
 Context mesh: ``on_mesh(fn, mesh)`` traces ``fn`` with the mesh as JAX's abstract context
 mesh; ``context_mesh()`` reads it (the Pallas attention kernels run per shard under it, since
-XLA does not partition a Pallas call).
+XLA does not partition a Pallas call, and the model pins its activation layout with
+``constrain_activation`` / ``gather_table``).
 
 Multi-process: ``put_global`` places host values identical on every process onto a global
 sharding. The mesh changes no random draw and no data order, only the float order of the
@@ -41,8 +42,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from models.config import ModelConfig
 
 __all__ = ["AXES", "BATCH_AXES", "TENSOR_AXIS", "LOGICAL_AXIS_RULES", "on_mesh", "context_mesh",
-           "divisible_axes", "constrain_activation", "gather_table", "mesh_shape", "make_mesh", "data_sharding",
-           "replicated", "fit_spec", "abstract_boxed_params", "logical_param_specs",
+           "divisible_axes", "constrain_activation", "gather_table", "mesh_shape", "make_mesh",
+           "data_sharding", "replicated", "fit_spec", "abstract_boxed_params", "logical_param_specs",
            "mesh_param_specs", "param_shardings", "param_shardings_from_logical",
            "spec_shardings", "shard_params", "put_global"]
 
