@@ -9,13 +9,11 @@ generated, not what it computes; a user's ``XLA_FLAGS`` is kept and extended.
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-QUICK_COMPILE = ("--xla_backend_optimization_level=0",)
 flags = os.environ.get("XLA_FLAGS", "").split()
-if not any(f.startswith("--xla_force_host_platform_device_count") for f in flags):
-    flags.append("--xla_force_host_platform_device_count=8")
-for f in QUICK_COMPILE:
-    if not any(g.startswith(f.split("=")[0] + "=") for g in flags):
-        flags.append(f)
+for name, value in (("--xla_force_host_platform_device_count", "8"),
+                    ("--xla_backend_optimization_level", "0")):       # quickest compilation
+    if not any(f.startswith(name + "=") for f in flags):
+        flags.append(f"{name}={value}")
 os.environ["XLA_FLAGS"] = " ".join(flags)
 
 import jax  # noqa: E402

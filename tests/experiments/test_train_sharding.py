@@ -38,7 +38,6 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced)
 
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
 TOL = 1e-5
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 #: what XLA's SPMD partitioner logs when it can only reshard a tensor by replicating it
 REMAT = "Involuntary full rematerialization"
 
@@ -60,7 +59,7 @@ def run_update(shape, host_state, attention_impl="xla"):
     config.model.attention_impl = attention_impl
     trainer = Trainer(config, mesh)
     state = jax.device_put(host_state, trainer.state_shardings)
-    compiled = trainer.update.lower(state).compile(compiler_options=FAST_COMPILE)
+    compiled = trainer.update.lower(state).compile()
     new_state, metrics = compiled(state)
     return trainer, new_state, {k: float(v) for k, v in metrics.items()}
 
@@ -211,7 +210,7 @@ def run_short(shape):
     trainer = RecordingTrainer(run_config(), mesh)
     state = trainer.init(jax.random.PRNGKey(0))
     init = jax.tree.map(np.array, state)      # copies: the update donates the state
-    compiled = trainer.update.lower(state).compile(compiler_options=FAST_COMPILE)
+    compiled = trainer.update.lower(state).compile()
     metrics = []
     for _ in range(RUN_UPDATES):
         state, m = compiled(state)
