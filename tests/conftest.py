@@ -1,10 +1,13 @@
 """Test-wide settings: CPU only, float32 matmuls at full precision, 8 virtual host devices, and
-XLA's CPU backend at its quickest compilation.
+XLA at its quickest compilation.
 
-The suite's time is XLA compilation: hundreds of small programs, most run a few times. LLVM at
-``-O0`` compiles them in about two thirds of the time (the programs themselves run up to 2x
-slower, which only the few learning tests notice). The flag changes how the CPU code is
-generated, not what it computes; a user's ``XLA_FLAGS`` is kept and extended.
+The suite's time is XLA compilation: hundreds of small programs, most run a few times.
+``JAX_DISABLE_MOST_OPTIMIZATIONS`` (LLVM at ``-O0``, its expensive passes off) compiles them in
+about two thirds of the time; the programs run up to 2x slower, which only tests that run one
+program for minutes notice: those ask for the ``optimized_compilation`` fixture. The setting
+changes how the CPU code is generated, not what it computes. It is an environment variable so
+that the subprocesses of the multi-process and kill -9 tests compile the same way; a user's
+``XLA_FLAGS`` is kept and extended.
 
 Each compiled CPU program holds a few memory mappings of its own code for as long as JAX's
 caches keep it. One test worker compiles thousands of programs, more than Linux's default
@@ -16,17 +19,26 @@ import gc
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")          # quickest compilation
 flags = os.environ.get("XLA_FLAGS", "").split()
-for name, value in (("--xla_force_host_platform_device_count", "8"),
-                    ("--xla_backend_optimization_level", "0")):       # quickest compilation
-    if not any(f.startswith(name + "=") for f in flags):
-        flags.append(f"{name}={value}")
+if not any(f.startswith("--xla_force_host_platform_device_count=") for f in flags):
+    flags.append("--xla_force_host_platform_device_count=8")
 os.environ["XLA_FLAGS"] = " ".join(flags)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def optimized_compilation():
+    """XLA's full optimisation for this test's compilations (a test that runs its programs for
+    minutes, where -O0 code costs more than the compile time it saves)."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def _mapping_limit():

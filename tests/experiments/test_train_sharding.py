@@ -16,8 +16,8 @@ A whole short run (BC warm start + three updates, ``Trainer(config, mesh).init``
 (BC runs on one device), every update samples exactly the same tokens, and metrics / parameters
 agree within 1e-5 (docs/determinism.md).
 
-The update is compiled with ``xla_backend_optimization_level=0`` (LLVM codegen only; the SPMD
-partitioning under test is unchanged), which halves XLA:CPU compile time.
+The update is compiled as the whole suite is (``JAX_DISABLE_MOST_OPTIMIZATIONS``, set in
+tests/conftest.py: LLVM codegen only; the SPMD partitioning under test is unchanged).
 """
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ from rl_agents.trainer import Trainer
 
 UPDATES = 40
 
+pytestmark = pytest.mark.usefixtures("optimized_compilation")   # minutes of running, not compiling
+
 
 def greedy_success(trainer, params, episodes=256):
     m, _ = trainer.evaluate(params, jax.random.PRNGKey(1234), episodes=episodes, greedy=True)
