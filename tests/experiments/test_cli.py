@@ -6,8 +6,9 @@ the field. (Training, eval on the trained workdir and resuming are in test_resum
 shares the helpers below.)
 
 Subprocesses see 2 forced CPU devices (not the 8 of tests/conftest.py), share a persistent JAX
-compilation cache per test session, and compile as the suite does
-(``JAX_DISABLE_MOST_OPTIMIZATIONS``: faster XLA:CPU codegen; the programs compute the same).
+compilation cache per test session, and compile as the suite does (they inherit
+``JAX_DISABLE_MOST_OPTIMIZATIONS`` from tests/conftest.py: faster XLA:CPU codegen; the programs
+compute the same).
 """
 from __future__ import annotations
 
@@ -39,7 +40,6 @@ def cli_env(cache_dir: str, devices: int = 2) -> dict:
     env.update({
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
         "JAX_COMPILATION_CACHE_DIR": cache_dir,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
